@@ -1,0 +1,213 @@
+"""Prompt, preference and SFT files; left-truncation; padding and masks.
+
+Files are JSONL (one object a line) or one JSON array. Every row is checked before any model is
+loaded, and a bad row gets one message naming the file, the line (or array index) and the problem.
+
+Rows:
+  prompts      {"id", "messages": [{"role", "content"}, ...]}   or "prompt": str | message list
+  preferences  {"id", "prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
+  sft          {"id", "messages": [..., {"role": "assistant", "content"}]}
+
+Masks (the one convention, DESIGN.md): 1 on response tokens up to and including the first EOS, 0 on
+prompt and padding. They are built from lengths, never from `ids != pad_id` (pad is often EOS).
+"""
+
+import json
+import os
+
+import torch
+
+from rlmt import chat
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A bad data file or row; the message says which file, which line and what is wrong."""
+
+
+# ----------------------------------------------------------------------------- reading and validation
+
+def read_records(path):
+    """[(where, record dict)] from a JSONL file or a JSON array; `where` is "file:line" or "file[index]"."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        records = [(f"{path}[{i}]", x) for i, x in enumerate(items)]
+    else:
+        records = []
+        # split on "\n" only: str.splitlines() also breaks at U+2028 / U+0085, which JSON strings may hold
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    for where, x in records:
+        if not isinstance(x, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(x).__name__}")
+    if not records:
+        raise DataError(f"{path}: empty file (no records)")
+    return records
+
+
+def _messages(where, field, value, last_role):
+    """Validate a message list and return it as clean [{"role", "content"}] dicts."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f'{where}: "{field}" must be a non-empty list of messages')
+    out = []
+    for j, m in enumerate(value):
+        at = f'{where}: "{field}"[{j}]'
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f'{at}: a message must be an object with "role" and "content"')
+        if m["role"] not in ROLES:
+            raise DataError(f'{at}: unknown role {m["role"]!r} (expected one of {", ".join(ROLES)})')
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise DataError(f"{at}: content must be a non-empty string")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != last_role:
+        raise DataError(f'{where}: the last message of "{field}" must be a {last_role} turn, '
+                        f'not {out[-1]["role"]}')
+    return out
+
+
+def _require(where, rec, *fields):
+    for name in fields:
+        if name not in rec:
+            raise DataError(f'{where}: missing field "{name}"')
+
+
+def _prompt(where, rec, field):
+    """A message list ending with a user turn; "prompt" may also be a string (one user turn)."""
+    value = rec[field]
+    if field == "prompt" and isinstance(value, str):
+        value = [{"role": "user", "content": value}]
+    return _messages(where, field, value, "user")
+
+
+def _completion(where, rec, field):
+    """A completion given as a string or a message list (the final assistant turn is the completion;
+    the list may also repeat the prompt turns, as some hub datasets do)."""
+    value = rec[field]
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f'{where}: "{field}" must be a non-empty string')
+        return value
+    return _messages(where, field, value, "assistant")[-1]["content"]
+
+
+def _id(rec, path, index):
+    return str(rec["id"]) if rec.get("id") is not None else f"{os.path.splitext(os.path.basename(path))[0]}-{index}"
+
+
+def load_prompts(path):
+    """[{"id", "messages"}] from "messages" or "prompt" (a string or a message list); last turn is user."""
+    rows = []
+    for i, (where, rec) in enumerate(read_records(path)):
+        field = "messages" if "messages" in rec else "prompt" if "prompt" in rec else None
+        if field is None:
+            raise DataError(f'{where}: missing field "messages" (or "prompt")')
+        rows.append({"id": _id(rec, str(path), i), "messages": _prompt(where, rec, field)})
+    return rows
+
+
+def load_preferences(path):
+    """[{"id", "prompt": messages, "chosen": str, "rejected": str}]."""
+    rows = []
+    for i, (where, rec) in enumerate(read_records(path)):
+        _require(where, rec, "prompt", "chosen", "rejected")
+        rows.append({"id": _id(rec, str(path), i), "prompt": _prompt(where, rec, "prompt"),
+                     "chosen": _completion(where, rec, "chosen"),
+                     "rejected": _completion(where, rec, "rejected")})
+    return rows
+
+
+def load_sft(path):
+    """[{"id", "messages"}] where the conversation holds a user turn and ends with an assistant turn."""
+    rows = []
+    for i, (where, rec) in enumerate(read_records(path)):
+        _require(where, rec, "messages")
+        messages = _messages(where, "messages", rec["messages"], "assistant")
+        if not any(m["role"] == "user" for m in messages):
+            raise DataError(f'{where}: "messages" has no user turn')
+        rows.append({"id": _id(rec, str(path), i), "messages": messages})
+    return rows
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+def encode_prompts(tokenizer, rows, template, max_prompt_len=None):
+    """Prompt ids for each row, left-truncated to max_prompt_len tokens -> (list[list[int]], n_truncated).
+
+    Left truncation keeps the end of the prompt (the last user turn and the opened assistant turn) and
+    keeps a leading BOS at position 0, so a cut prompt still starts with exactly one BOS.
+    """
+    if max_prompt_len is not None and max_prompt_len < 2:
+        raise ValueError(f"max_prompt_len must be at least 2, got {max_prompt_len}")
+    bos = tokenizer.bos_token_id
+    out, n_truncated = [], 0
+    for row in rows:
+        ids = chat.encode_prompt(tokenizer, row["messages"], template)
+        if max_prompt_len is not None and len(ids) > max_prompt_len:
+            n_truncated += 1
+            head = [bos] if bos is not None and ids[0] == bos else []
+            ids = head + ids[len(ids) - (max_prompt_len - len(head)):]
+        out.append(ids)
+    return out, n_truncated
+
+
+# ----------------------------------------------------------------------------- padding and masks
+
+def _pad(seqs, pad_id, left):
+    B, T = len(seqs), max((len(s) for s in seqs), default=0)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            cols = slice(T - len(s), T) if left else slice(0, len(s))
+            ids[i, cols] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, cols] = 1
+    return ids, mask
+
+
+def left_pad(seqs, pad_id):
+    """B lists of ids -> (ids [B, T], mask [B, T]) padded on the left (prompts); mask 1 on real tokens."""
+    return _pad(seqs, pad_id, left=True)
+
+
+def right_pad(seqs, pad_id):
+    """B lists of ids -> (ids [B, T], mask [B, T]) padded on the right (responses); mask 1 on real tokens."""
+    return _pad(seqs, pad_id, left=False)
+
+
+def position_ids(attention_mask):
+    """attention_mask [B, T] -> positions [B, T]: 0 at each row's first real token, counting real tokens.
+
+    Left padding gets position 0 (masked out anyway); right padding repeats the last position.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def join(prompts, responses, pad_id):
+    """Prompts (left-padded to width P) followed by responses (right-padded to width R).
+
+    prompts, responses: B lists of ids each; a response ends at (and includes) its first EOS, or is cut
+    at the length limit without one. Returns a dict of LongTensors [B, P + R]: input_ids, attention_mask,
+    position_ids, response_mask (1 exactly on response tokens, from lengths), and prompt_len = P (int).
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    p_ids, p_mask = left_pad(prompts, pad_id)
+    r_ids, r_mask = right_pad(responses, pad_id)
+    attention_mask = torch.cat([p_mask, r_mask], dim=1)
+    return {"input_ids": torch.cat([p_ids, r_ids], dim=1), "attention_mask": attention_mask,
+            "position_ids": position_ids(attention_mask),
+            "response_mask": torch.cat([torch.zeros_like(p_mask), r_mask], dim=1), "prompt_len": p_ids.shape[1]}

@@ -1,0 +1,62 @@
+"""Per-token log-probs and entropy from hidden states, in fp32, without a [B, T, V] fp32 tensor.
+
+RLMT sequences reach 5,120 tokens and Llama-3's vocabulary has 128,256 entries: the full fp32 logits of
+one such sequence take 2.6 GB, and autograd would keep them for backward. Here the tokens are cut into
+chunks; each chunk's logits live only inside a checkpointed function, so the forward keeps just the
+chunk's log-probs, and the backward recomputes one chunk's logits at a time.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk(h, weight, targets, temperature, with_entropy):
+    """h [n, D], weight [V, D], targets [n] -> logp [n], entropy [n] (zeros unless with_entropy)."""
+    logits = F.linear(h, weight).float() / temperature  # temperature on the logits, before the softmax
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if not with_entropy:
+        return logp, torch.zeros_like(logp)
+    # H = -Σ p log p = lse - Σ p·logits
+    return logp, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False, chunk_size=1024):
+    """log π(targets | context) at `temperature`, per token.
+
+    hidden [B, T, D] (final-norm hidden states), weight [V, D] (lm_head), targets [B, T] long: the token
+    whose log-prob is read at each position (usually input_ids shifted left by one).
+    Returns (logp [B, T] fp32, entropy [B, T] fp32 or None). Gradients flow to hidden and weight.
+    Peak extra memory: ~3 × chunk_size × V × 4 bytes, whatever T is.
+    """
+    B, T, D = hidden.shape
+    h, tgt = hidden.reshape(B * T, D), targets.reshape(B * T).clamp(min=0)  # -100 style ids: masked later
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    logps, ents = [], []
+    for s in range(0, B * T, chunk_size):
+        args = (h[s:s + chunk_size], weight, tgt[s:s + chunk_size], temperature, with_entropy)
+        lp, ent = checkpoint(_chunk, *args, use_reentrant=False) if needs_grad else _chunk(*args)
+        logps.append(lp)
+        ents.append(ent)
+    logp = torch.cat(logps).view(B, T)
+    return logp, (torch.cat(ents).view(B, T) if with_entropy else None)
+
+
+def sequence_logprobs(model, input_ids, attention_mask=None, position_ids=None, temperature=1.0,
+                      with_entropy=False):
+    """Log-probs of each token given the ones before it, through the model.
+
+    input_ids, attention_mask, position_ids [B, T] -> (logp [B, T], entropy [B, T] or None), where
+    position t holds log π(input_ids[t] | input_ids[:t]); position 0 has no context and is 0.
+    Multiply by the response mask: only response positions are meaningful to the losses.
+    """
+    targets = torch.roll(input_ids, -1, dims=1)  # the target at t is the token at t+1
+    logp, ent = model(input_ids, attention_mask, position_ids, targets=targets, temperature=temperature,
+                      with_entropy=with_entropy)
+    # shift right so that logp[:, t] belongs to input_ids[:, t]
+    pad = logp.new_zeros(logp.shape[0], 1)
+    logp = torch.cat([pad, logp[:, :-1]], dim=1)
+    if ent is not None:
+        ent = torch.cat([pad, ent[:, :-1]], dim=1)
+    return logp, ent

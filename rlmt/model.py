@@ -1,0 +1,392 @@
+"""A from-scratch decoder for the Llama and Qwen2 families, and HF checkpoint load / save.
+
+One trunk (embeddings, blocks of RMSNorm → attention → RMSNorm → SwiGLU MLP, final norm), and one of
+two heads on top:
+  - "lm":    `lm_head` [V, D] → next-token logits (the policy), tied to the embeddings when the config
+             says so (Qwen2.5 small models);
+  - "score": `score` [1, D] → one scalar per token: a reward model saved as …ForSequenceClassification
+             reads it at the last valid token, a PPO critic uses every position as a value.
+Parameter names are the HF names, so a state dict maps one to one to the safetensors files.
+"""
+
+import glob
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ALIASES = {  # the paper's models, and small ones that fit a single GPU
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen2.5-7b-instruct": "Qwen/Qwen2.5-7B-Instruct",
+    "skywork-reward-llama-3.1-8b-v0.2": "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
+    "skywork-reward-v2-llama-3.1-8b": "Skywork/Skywork-Reward-V2-Llama-3.1-8B",
+    "llama-3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
+    "qwen2.5-0.5b-instruct": "Qwen/Qwen2.5-0.5B-Instruct",
+    "qwen2.5-1.5b-instruct": "Qwen/Qwen2.5-1.5B-Instruct",
+}
+# architecture name in config.json -> (family, head)
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", "lm"), "MistralForCausalLM": ("llama", "lm"),
+    "Qwen2ForCausalLM": ("qwen2", "lm"),
+    "LlamaForSequenceClassification": ("llama", "score"),
+    "MistralForSequenceClassification": ("llama", "score"),
+    "Qwen2ForSequenceClassification": ("qwen2", "score"),
+}
+SUPPORTED_ROPE = ("default", "llama3", "linear")
+
+
+@dataclass
+class Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # {"rope_type": "llama3", "factor": …} or None
+    attention_bias: bool        # Qwen2: q/k/v projections carry a bias
+    tie_word_embeddings: bool
+    head: str                   # "lm" or "score"
+
+    @staticmethod
+    def from_hf(cfg: dict, where="config.json"):
+        """Read a transformers config dict; accepts 4.x (`rope_theta`, `rope_scaling`) and 5.x
+        (`rope_parameters`) layouts."""
+        arch = (cfg.get("architectures") or [None])[0]
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"{where}: architecture {arch!r} (model_type {cfg.get('model_type')!r}) is not "
+                             f"supported; rlmt runs {', '.join(ARCHITECTURES)}")
+        family, head = ARCHITECTURES[arch]
+        if head == "score" and cfg.get("num_labels", len(cfg.get("id2label") or {0: 0})) != 1:
+            raise ValueError(f"{where}: a reward model must have one label (num_labels=1)")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+        kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+        rope.pop("type", None)
+        if kind not in SUPPORTED_ROPE:
+            raise ValueError(f"{where}: rope type {kind!r} is not supported ({', '.join(SUPPORTED_ROPE)})")
+        if cfg.get("sliding_window") and cfg.get("use_sliding_window", family == "llama"):
+            raise ValueError(f"{where}: sliding-window attention is not supported")
+        heads = cfg["num_attention_heads"]
+        return Config(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=None if kind == "default" else {**rope, "rope_type": kind},
+            attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), head=head)
+
+
+def rope_inv_freq(cfg: Config) -> torch.Tensor:
+    """[head_dim/2] rotary frequencies θ^(-2i/d), rescaled for `llama3` (Llama 3.1's long-context
+    scaling: low frequencies divided by `factor`, high ones kept, a smooth ramp between) or `linear`."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv.float()
+    if s["rope_type"] == "linear":
+        return (inv / s["factor"]).float()
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    ramp = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(medium, ramp, scaled).float()
+
+
+def apply_rope(x, cos, sin):
+    """x [B, H, T, hd]; cos, sin [B, 1, T, hd]. Rotates the two halves of each head (HF's layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()  # the variance in fp32 even for bf16 weights, as the reference does
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, layer_idx: int):
+        super().__init__()
+        D, H, K, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(D, H * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(D, K * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(D, K * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * hd, D, bias=False)
+        self.H, self.K, self.hd, self.layer_idx = H, K, hd, layer_idx
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        """x [B, T, D]; mask bool [B, 1, T, S] (True = may attend) or None for plain causal;
+        cache: an object with `update(layer_idx, k, v) -> (k_all, v_all)` (the sampler's KV cache)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.K, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.K, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if self.K != self.H:  # GQA: expanding K/V keeps every SDPA backend (and masks) available
+            k = k.repeat_interleave(self.H // self.K, dim=1)
+            v = v.repeat_interleave(self.H // self.K, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Trunk(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def attention_mask_4d(attention_mask):
+    """[B, T] padding mask (1 = token) -> bool [B, 1, T, T]: causal, no attention to padding. A padded
+    query position may attend to itself, so no row of the softmax is empty (that would give NaN)."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    m = causal[None] & attention_mask.bool()[:, None, :]
+    m = m | torch.eye(T, dtype=torch.bool, device=attention_mask.device)[None]
+    return m[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config, hf_config: dict | None = None):
+        super().__init__()
+        self.config, self.hf_config = cfg, dict(hf_config or {})
+        self.model = Trunk(cfg)
+        if cfg.head == "lm":
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            if cfg.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False  # recompute each block in backward (long CoT training)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, *, cache=None, attn_mask=None,
+                last_only=False, targets=None, temperature=1.0, with_entropy=False):
+        """input_ids [B, T]; attention_mask [B, T] (1 = token, left or right padding); position_ids [B, T]
+        (default cumsum(attention_mask) - 1, so left-padded rows start at 0).
+        cache / attn_mask: the sampler's KV cache and its bool [B, 1, T, S] mask.
+
+        Returns, for the LM head: logits [B, T, V] (or [B, 1, V] with last_only); with `targets` [B, T]
+        the chunked fp32 log-probs (logprobs.token_logprobs) of those targets at `temperature`:
+        (logp [B, T], entropy [B, T] or None) — computed here so FSDP's hooks see the lm_head use.
+        For the score head: one scalar per token [B, T]."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if attention_mask is not None \
+                else torch.arange(T, device=input_ids.device).expand(B, T)
+        mask = attn_mask
+        if mask is None and attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask_4d(attention_mask)
+        freqs = position_ids[:, None, :].float() * self.inv_freq.float()[None, :, None]  # [B, hd/2, T]
+        emb = torch.cat((freqs, freqs), dim=1).transpose(1, 2)[:, None]                 # [B, 1, T, hd]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        h = self.model.norm(x)
+        if self.config.head == "score":
+            return self.score(h).squeeze(-1)
+        if last_only:
+            h = h[:, -1:]
+        if targets is not None:
+            from rlmt.logprobs import token_logprobs
+            return token_logprobs(h, self.lm_head.weight, targets, temperature, with_entropy)
+        return self.lm_head(h)
+
+    def init_new_weights(self, std=None):
+        """Initialize a head that the checkpoint did not hold (a critic's value head)."""
+        if self.config.head == "score":
+            nn.init.normal_(self.score.weight, std=std or 1.0 / (self.config.hidden_size + 1))
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+def resolve_path(path_or_alias: str) -> str:
+    """A local folder as is; an alias (ALIASES) or hub id downloaded with huggingface_hub (cached)."""
+    if os.path.isdir(path_or_alias):
+        return path_or_alias
+    repo = ALIASES.get(path_or_alias.lower(), path_or_alias)
+    looks_local = path_or_alias.startswith((".", "/", "~")) or os.sep * 2 in path_or_alias \
+        or repo.count("/") != 1
+    if looks_local:
+        raise FileNotFoundError(f"model {path_or_alias!r}: no such folder, and not a hub id or one of the "
+                                f"aliases {', '.join(ALIASES)}")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
+    except Exception as e:  # offline, gated, misspelled: one line that says which
+        raise FileNotFoundError(f"model {path_or_alias!r}: could not fetch {repo!r} from the hub "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _read_weights(folder):
+    """Yield (name, tensor) from model.safetensors, its sharded index, or pytorch_model.bin, on CPU."""
+    from safetensors import safe_open
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))
+    if files:
+        for name in files:
+            with safe_open(os.path.join(folder, name), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+    elif os.path.exists(os.path.join(folder, "pytorch_model.bin")):
+        yield from torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu",
+                              weights_only=True).items()
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors, sharded index or pytorch_model.bin")
+
+
+def from_pretrained(path_or_alias, dtype=None, device=None, head=None):
+    """Load a Llama / Qwen2 checkpoint (config.json + safetensors) into rlmt's Transformer.
+
+    dtype: torch dtype or None (keep the checkpoint's); device: where the weights go (loaded to CPU
+    first, built on the meta device so memory holds one copy). head: force "lm" or "score"; a "score"
+    model built from a causal LM (a PPO critic initialized from the policy) gets a fresh value head."""
+    folder = resolve_path(path_or_alias)
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{folder}: no config.json; is this a model folder?")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    cfg = Config.from_hf(hf, cfg_path)
+    if head is not None and head != cfg.head:
+        cfg.head, cfg.tie_word_embeddings = head, cfg.tie_word_embeddings and head == "lm"
+    with torch.device("meta"):
+        model = Transformer(cfg, hf)
+    wanted = dict(model.named_parameters())  # tied: one entry, under model.embed_tokens.weight
+    state = {}
+    for name, t in _read_weights(folder):
+        if name in wanted:
+            state[name] = t.to(dtype) if dtype is not None else t
+    missing = [n for n in wanted if n not in state]
+    if missing and missing != ["score.weight"]:
+        raise ValueError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if missing:
+        any_w = next(iter(state.values()))
+        model.score.weight = nn.Parameter(torch.empty(1, cfg.hidden_size, dtype=any_w.dtype))
+        model.init_new_weights()
+    if cfg.head == "lm" and cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
+    model.inv_freq = rope_inv_freq(cfg)
+    return model.to(device).eval() if device is not None else model.eval()
+
+
+# --- saving --------------------------------------------------------------------------------------------
+
+def save_pretrained(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=4 << 30):
+    """Write a folder that transformers' Auto…from_pretrained loads: config.json and safetensors
+    (sharded with an index above `max_shard_bytes`), plus the tokenizer. Written to a temporary folder
+    and renamed, so a crash never leaves a half-written checkpoint. `state_dict`: the full weights when
+    the model is sharded (rlmt.dist gathers them); by default the model's own."""
+    from safetensors.torch import save_file
+    cfg = model.config
+    state = state_dict if state_dict is not None else model.state_dict()
+    if cfg.head == "lm" and cfg.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    family = "Qwen2" if model.hf_config.get("model_type") == "qwen2" else "Llama"
+    hf = dict(model.hf_config)
+    hf["architectures"] = [family + ("ForCausalLM" if cfg.head == "lm" else "ForSequenceClassification")]
+    hf["tie_word_embeddings"] = cfg.tie_word_embeddings
+    hf["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    hf.pop("torch_dtype", None)
+    if cfg.head == "score":
+        hf["num_labels"], hf["id2label"], hf["label2id"] = 1, {"0": "LABEL_0"}, {"LABEL_0": 0}
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        shards, size = [{}], 0
+        for k, v in state.items():
+            n = v.numel() * v.element_size()
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k], size = v, size + n
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.exists(out_dir):  # swap: the old checkpoint is removed only once the new one is whole
+            old = out_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny tokenizers and random checkpoints of both families, built once per test session
+as real HF folders (no network), then loaded by the tests through rlmt's own loading code."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rlmt import tiny  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "rlmt-wildchat-if",
+                              "train.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+def _tok(tiny_dir, name, **kw):
+    path = tiny_dir / name
+    if not path.exists():
+        tiny.build_tokenizer(str(path), **kw)
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(tiny_dir):
+    """Llama-3.1-Instruct-like: BOS prepended, EOS <|eot_id|>, no pad token, a chat template."""
+    return _tok(tiny_dir, "tok-llama", family="llama")
+
+
+@pytest.fixture(scope="session")
+def llama_base_tokenizer(tiny_dir):
+    """Llama-3.1 base-like: no chat template, EOS <|end_of_text|>, no pad token."""
+    return _tok(tiny_dir, "tok-llama-base", family="llama", chat_template=False)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(tiny_dir):
+    """Qwen2.5-Instruct-like: no BOS, EOS <|im_end|>, pad <|endoftext|>, a chat template."""
+    return _tok(tiny_dir, "tok-qwen", family="qwen")
+
+
+def _ckpt(tiny_dir, name, tokenizer, **kw):
+    path = tiny_dir / name
+    if not path.exists():
+        tiny.build_checkpoint(str(path), tokenizer=tokenizer, **kw)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_dir, llama_tokenizer):
+    """LlamaForCausalLM: GQA (4 heads, 2 KV heads), llama3 rope scaling, untied embeddings."""
+    return _ckpt(tiny_dir, "llama", llama_tokenizer, family="llama")
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tiny_dir, qwen_tokenizer):
+    """Qwen2ForCausalLM: q/k/v bias, tied embeddings, vocab larger than the tokenizer."""
+    return _ckpt(tiny_dir, "qwen", qwen_tokenizer, family="qwen")
+
+
+@pytest.fixture(scope="session")
+def llama_rm_dir(tiny_dir, llama_tokenizer):
+    """LlamaForSequenceClassification with one label: a tiny reward model."""
+    return _ckpt(tiny_dir, "llama-rm", llama_tokenizer, family="llama", head="score", seed=1)
+
+
+@pytest.fixture(scope="session")
+def qwen_rm_dir(tiny_dir, qwen_tokenizer):
+    return _ckpt(tiny_dir, "qwen-rm", qwen_tokenizer, family="qwen", head="score", seed=1)
+
+
+@pytest.fixture(scope="session")
+def qwen_base_tokenizer(tiny_dir):
+    """Qwen2.5 base-like: no BOS, no chat template, EOS <|endoftext|> (also the pad token)."""
+    return _tok(tiny_dir, "tok-qwen-base", family="qwen", chat_template=False)
