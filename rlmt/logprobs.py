@@ -18,8 +18,8 @@ def _chunk(h, weight, targets, temperature, with_entropy):
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
     if not with_entropy:
         return logp, torch.zeros_like(logp)
-    # H = -Σ p log p = lse - Σ p·logits
-    return logp, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    logp_all = logits - lse[:, None]  # H = -Σ p log p
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False, chunk_size=1024):
