@@ -81,3 +81,23 @@ def qwen_rm_dir(tiny_dir, qwen_tokenizer):
 def qwen_base_tokenizer(tiny_dir):
     """Qwen2.5 base-like: no BOS, no chat template, EOS <|endoftext|> (also the pad token)."""
     return _tok(tiny_dir, "tok-qwen-base", family="qwen", chat_template=False)
+
+
+@pytest.fixture(scope="session")
+def gpt2_rm_dir(tiny_dir, llama_tokenizer):
+    """GPT2ForSequenceClassification (an architecture rlmt does not run) with one label and the Llama
+    tokenizer, no pad token in its config: the reward model takes the transformers fallback."""
+    path = tiny_dir / "gpt2-rm"
+    if not path.exists():
+        import transformers
+        cfg = transformers.GPT2Config(vocab_size=len(llama_tokenizer), n_positions=512, n_embd=32, n_layer=2,
+                                      n_head=2, num_labels=1, bos_token_id=llama_tokenizer.bos_token_id,
+                                      eos_token_id=llama_tokenizer.eos_token_id, pad_token_id=None)
+        torch.manual_seed(2)
+        model = transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
+        with torch.no_grad():  # larger than GPT-2's std 0.02, so scores differ visibly between inputs
+            for name, p in model.named_parameters():
+                p.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.1)
+        model.save_pretrained(str(path))
+        llama_tokenizer.save_pretrained(str(path))
+    return str(path)
