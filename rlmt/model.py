@@ -148,6 +148,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        if T == 1 and self.K != self.H and mask is not None:
+            # Decoding one token: the H/K query heads sharing a KV head become H/K query rows against it,
+            # so the cached K/V are read in place (expanding them copied the whole cache every step).
+            y = F.scaled_dot_product_attention(q.reshape(B, self.K, self.H // self.K, self.hd), k, v,
+                                               attn_mask=mask)
+            return self.o_proj(y.reshape(B, T, self.H * self.hd))
         if self.K != self.H:  # GQA: expanding K/V keeps every SDPA backend (and masks) available
             k = k.repeat_interleave(self.H // self.K, dim=1)
             v = v.repeat_interleave(self.H // self.K, dim=1)
