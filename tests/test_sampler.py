@@ -1,0 +1,364 @@
+"""rlmt.sampler against independent references: transformers' greedy generate, a naive no-cache loop, and
+the trainer's chunked log-probs on the same tokens; rlmt.dist.unsharded under two FSDP2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from rlmt import chat, data, dist, logprobs, sampler
+from rlmt import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESSAGES = ["Hi", "Tell me a story about a cat and a dog who live in the city, please",
+            "why is the sky blue? explain short", "list three colors"]
+
+
+def encode(tokenizer, k=3):
+    """k chat prompts of different lengths (Qwen's hold <|im_end|> already: only responses are checked)."""
+    return [chat.encode_prompt(tokenizer, [{"role": "user", "content": c}], "chat") for c in MESSAGES[:k]]
+
+
+def naive_greedy(model, prompt, max_new_tokens, stop_ids=()):
+    """The oracle: no cache; the whole sequence goes through the model for every new token."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            t = int(model(torch.tensor([ids]))[0, -1].argmax())
+            out.append(t)
+            ids.append(t)
+            if t in stop_ids:
+                break
+    return out
+
+
+def frequent_token(model, prompts, skip=()):
+    """A token that greedy decoding emits early in some rows: as an extra stop id it gives ragged lengths."""
+    first = naive_greedy(model, prompts[1], 6)
+    return next(t for t in first[3:] if t not in skip)
+
+
+def common_tokens(model, prompts, k=1, temperature=1.0):
+    """The k tokens drawn most often at `temperature`: as stop ids they end sampled rows early and raggedly."""
+    out = sampler.generate(model, prompts, n=4, max_new_tokens=16, temperature=temperature, seed=123)
+    counts = torch.bincount(torch.tensor([t for s in out for t in s["tokens"]]))
+    return counts.topk(k).indices.tolist()
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    return M.from_pretrained(llama_dir)
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_dir):
+    return M.from_pretrained(qwen_dir)
+
+
+def family(request, name):
+    tokenizer = request.getfixturevalue(f"{name}_tokenizer")
+    return request.getfixturevalue(name), tokenizer, request.getfixturevalue(f"{name}_dir")
+
+
+# ----------------------------------------------------------------------------- greedy against references
+
+@pytest.mark.parametrize("name", ["llama", "qwen"])
+def test_greedy_equals_transformers_generate(name, request):
+    model, tok, path = family(request, name)
+    prompts = encode(tok)
+    assert len({len(p) for p in prompts}) == 3  # different lengths: left padding on the HF side
+    stops = chat.stop_ids(tok) + [frequent_token(model, prompts, chat.stop_ids(tok))]
+    got = sampler.generate(model, prompts, max_new_tokens=16, temperature=0, stop_ids=stops, batch_size=3)
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids, am = data.left_pad(prompts, chat.pad_id(tok))
+    config = transformers.GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=stops,
+                                           pad_token_id=chat.pad_id(tok))
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, attention_mask=am, generation_config=config)
+    for s, row in zip(got, out[:, ids.shape[1]:].tolist()):
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        assert s["tokens"] == row[:cut]
+        assert s["finish_reason"] == ("stop" if s["tokens"][-1] in stops else "length")
+    assert {s["finish_reason"] for s in got} == {"stop", "length"}
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen"])
+def test_continuous_batching_equals_one_at_a_time_and_naive(name, request):
+    model, tok, _ = family(request, name)
+    prompts = encode(tok, 4)
+    stops = [frequent_token(model, prompts)]
+    # 4 prompts x 3 samples through 5 slots: rows finish at different steps and slots are refilled
+    batched = sampler.generate(model, prompts, n=3, max_new_tokens=12, temperature=0, stop_ids=stops, batch_size=5)
+    assert [(s["prompt_index"], s["sample_index"]) for s in batched] == [(p, i) for p in range(4) for i in range(3)]
+    for p, prompt in enumerate(prompts):
+        alone = sampler.generate(model, [prompt], max_new_tokens=12, temperature=0, stop_ids=stops, batch_size=1)
+        want = naive_greedy(model, prompt, 12, stops)
+        assert alone[0]["tokens"] == want
+        for s in batched[3 * p:3 * p + 3]:
+            assert s["tokens"] == want
+            assert torch.allclose(s["logprobs"], alone[0]["logprobs"], atol=1e-5)
+    assert len({len(s["tokens"]) for s in batched}) > 1
+
+
+def test_continuous_batching_refills_slots(llama, llama_tokenizer):
+    """Decode steps: with refills, about total tokens / slots; in static waves of `slots` samples, the sum
+    of each wave's longest sample (first tokens come from the prefill)."""
+    prompts = encode(llama_tokenizer, 4)
+    stops = common_tokens(llama, prompts, k=20)  # ~8% of the draws: lengths spread over 1..24
+    steps = []  # the rows of each decode forward
+    hook = llama.register_forward_pre_hook(lambda m, a: steps.append(len(a[0])) if a[0].shape[1] == 1 else None)
+    try:
+        out = sampler.generate(llama, prompts, n=2, max_new_tokens=24, temperature=1.0, stop_ids=stops,
+                               batch_size=2)
+    finally:
+        hook.remove()
+    lengths = [len(s["tokens"]) for s in out]
+    waves = sum(max(lengths[i:i + 2]) - 1 for i in range(0, len(lengths), 2))
+    assert max(lengths) > min(lengths) and len(steps) < waves
+    assert steps[0] == 2 and steps[-1] == 1  # once nothing is pending, only the live rows are decoded
+
+
+# ----------------------------------------------------------------------------- log-probs, masks, batches
+
+@pytest.mark.parametrize("name", ["llama", "qwen"])
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_logprobs_equal_training_logprobs(name, temperature, request):
+    model, tok, _ = family(request, name)
+    prompts = encode(tok)
+    stops = common_tokens(model, prompts, temperature=temperature)
+    out = sampler.generate(model, prompts, n=3, max_new_tokens=20, temperature=temperature, stop_ids=stops,
+                           batch_size=4, seed=3)
+    batch = sampler.to_batch(prompts, out, chat.pad_id(tok))
+    with torch.no_grad():
+        want, _ = logprobs.sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                             batch["position_ids"], temperature=temperature)
+    mask = batch["response_mask"].bool()
+    assert mask.sum() == sum(len(s["tokens"]) for s in out)
+    assert (batch["old_logprobs"][~mask] == 0).all()
+    assert (batch["old_logprobs"] - want)[mask].abs().max() < 1e-4
+    assert all(s["logprobs"].dtype == torch.float32 and s["logprobs"].shape == (len(s["tokens"]),) for s in out)
+
+
+def test_to_batch_alignment():
+    prompts = [[1, 2, 3], [4]]
+    samples = [{"prompt_index": 1, "sample_index": 0, "tokens": [7, 8], "logprobs": torch.tensor([-0.1, -0.2]),
+                "finish_reason": "stop"},
+               {"prompt_index": 0, "sample_index": 0, "tokens": [9], "logprobs": torch.tensor([-0.3]),
+                "finish_reason": "length"}]
+    b = sampler.to_batch(prompts, samples, pad_id=8)  # pad == the first sample's stop token 8
+    # prompts left-padded to 3, responses right-padded to 2
+    assert b["input_ids"].tolist() == [[8, 8, 4, 7, 8], [1, 2, 3, 9, 8]]
+    assert b["response_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]]
+    assert b["position_ids"][0, 2:4].tolist() == [0, 1] and b["position_ids"][1, :4].tolist() == [0, 1, 2, 3]
+    # old_logprobs[b, t] is the log-prob of input_ids[b, t], as in rlmt.logprobs.sequence_logprobs
+    assert torch.equal(b["old_logprobs"], torch.tensor([[0, 0, 0, -0.1, -0.2], [0, 0, 0, -0.3, 0]]))
+
+
+def test_pad_equal_to_stop_and_length_rows(llama, llama_tokenizer):
+    """The stop token is also the pad id (as when a tokenizer pads with EOS): the mask still holds it, and
+    rows cut at max_new_tokens are "length" with no stop token in their mask."""
+    prompts = encode(llama_tokenizer, 4)
+    eos = frequent_token(llama, prompts)  # greedy prompt 1 emits it; some other prompts do not
+    out = sampler.generate(llama, prompts, n=2, max_new_tokens=10, temperature=0, stop_ids=[eos])
+    batch = sampler.to_batch(prompts, out, pad_id=eos)
+    P = batch["prompt_len"]
+    assert {s["finish_reason"] for s in out} == {"stop", "length"}
+    for b, s in enumerate(out):
+        L = len(s["tokens"])
+        assert batch["response_mask"][b].sum() == L and batch["response_mask"][b, P:P + L].all()
+        masked = batch["input_ids"][b][batch["response_mask"][b].bool()].tolist()
+        if s["finish_reason"] == "stop":
+            assert masked[-1] == eos and eos not in masked[:-1] and L <= 10
+        else:
+            assert L == 10 and eos not in masked
+
+
+def test_ignore_eos_gives_exactly_max_new_tokens(llama, llama_tokenizer):
+    prompts = encode(llama_tokenizer)
+    eos = frequent_token(llama, prompts)
+    out = sampler.generate(llama, prompts, n=2, max_new_tokens=9, temperature=0, stop_ids=[eos],
+                           stop_strings=["the"], tokenizer=llama_tokenizer, ignore_eos=True)
+    assert all(len(s["tokens"]) == 9 and s["finish_reason"] == "length" for s in out)
+    assert eos in out[2]["tokens"][:8]  # prompt 1's stop id came and did not stop the row
+
+
+def test_seed(llama, llama_tokenizer):
+    prompts = encode(llama_tokenizer)
+    run = lambda seed, **kw: sampler.generate(llama, prompts, n=2, max_new_tokens=8, temperature=0.7,  # noqa: E731
+                                              seed=seed, **kw)
+    a, b, c = run(0), run(0), run(1)
+    assert [s["tokens"] for s in a] == [s["tokens"] for s in b]
+    assert all(torch.equal(x["logprobs"], y["logprobs"]) for x, y in zip(a, b))
+    assert [s["tokens"] for s in a] != [s["tokens"] for s in c]
+    assert a[0]["tokens"] != a[1]["tokens"]  # the n samples of a prompt differ
+    # each sample has its own stream: the slots, their number and the packed tail change nothing
+    assert [s["tokens"] for s in run(0, batch_size=1)] == [s["tokens"] for s in a]
+
+
+def test_per_prompt_seeds_make_a_split_equal_the_whole(llama, llama_tokenizer):
+    """Prompts split over ranks, each rank passing the seeds of its prompts: the same samples as one call."""
+    prompts = encode(llama_tokenizer, 4)
+    seeds = [101, 102, 103, 104]
+    kw = dict(n=3, max_new_tokens=10, temperature=1.0, stop_ids=common_tokens(llama, prompts, k=20), batch_size=4)
+    whole = sampler.generate(llama, prompts, seed=seeds, **kw)
+    parts = sampler.generate(llama, prompts[:1], seed=seeds[:1], **kw) + \
+        sampler.generate(llama, prompts[1:], seed=seeds[1:], **kw)
+    assert [s["tokens"] for s in parts] == [s["tokens"] for s in whole]
+    assert len({len(s["tokens"]) for s in whole}) > 1
+    with pytest.raises(ValueError, match="seed: one per prompt"):
+        sampler.generate(llama, prompts, seed=seeds[:2], **kw)
+
+
+def test_stop_strings(llama, llama_tokenizer):
+    prompts = encode(llama_tokenizer, 2)
+    free = sampler.generate(llama, prompts, max_new_tokens=16, temperature=0)
+    text = llama_tokenizer.decode(free[0]["tokens"][5:7])
+    got = sampler.generate(llama, prompts, max_new_tokens=16, temperature=0, stop_strings=[text],
+                           tokenizer=llama_tokenizer)
+    for f, g in zip(free, got):
+        # the first prefix whose text holds the stop string, found by decoding every prefix
+        k = next((k for k in range(1, 17) if text in llama_tokenizer.decode(f["tokens"][:k])), None)
+        assert g["tokens"] == f["tokens"][:k or 16]
+        assert g["finish_reason"] == ("stop" if k else "length")
+    assert got[0]["finish_reason"] == "stop" and len(got[0]["tokens"]) <= 7
+
+
+def test_stop_on_first_token_and_one_new_token(llama, llama_tokenizer):
+    prompts = encode(llama_tokenizer)
+    first = [naive_greedy(llama, p, 1)[0] for p in prompts]
+    out = sampler.generate(llama, prompts, n=3, max_new_tokens=5, temperature=0, stop_ids=[first[1]], batch_size=2)
+    for s in out:
+        if s["prompt_index"] == 1:
+            assert s["tokens"] == [first[1]] and s["finish_reason"] == "stop"
+        else:
+            assert s["tokens"][0] == first[s["prompt_index"]]
+    one = sampler.generate(llama, prompts, max_new_tokens=1, temperature=0)
+    assert [s["tokens"] for s in one] == [[t] for t in first]
+    assert [s["finish_reason"] for s in one] == ["length"] * 3
+    assert sampler.generate(llama, [], n=4, max_new_tokens=3) == []
+
+
+# ----------------------------------------------------------------------------- the draw itself
+
+def test_sample_truncation_and_frequencies():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = p.log().expand(40_000, 5)  # one row per draw; the last token has probability 0 (-inf)
+
+    def freq(**kw):
+        tok, lp = sampler.sample(logits, torch.rand(len(logits), generator=g), **kw)
+        untruncated = (logits / kw.get("temperature", 1.0)).log_softmax(-1)
+        assert torch.allclose(lp, untruncated.gather(-1, tok[:, None]).squeeze(-1))
+        return torch.bincount(tok, minlength=5).float() / len(tok)
+
+    assert (freq() - p).abs().max() < 0.01
+    q = p ** (1 / 0.7) / (p ** (1 / 0.7)).sum()  # softmax(log p / T)
+    assert (freq(temperature=0.7) - q).abs().max() < 0.01
+    assert (freq(top_k=2) - torch.tensor([0.625, 0.375, 0, 0, 0])).abs().max() < 0.01
+    # nucleus 0.7: keep 0.5 (mass before 0), 0.3 (before 0.5 < 0.7); drop 0.15 (before 0.8)
+    assert (freq(top_p=0.7) - torch.tensor([0.625, 0.375, 0, 0, 0])).abs().max() < 0.01
+    assert freq(top_p=0.5)[0] == 1.0  # mass before the second token is 0.5, not below 0.5
+    # top-k first, then the nucleus of what it kept: top_k 3 keeps .5/.3/.15 (mass .95); top_p .8 of .95 = .76
+    assert (freq(top_k=3, top_p=0.8) - torch.tensor([0.625, 0.375, 0, 0, 0])).abs().max() < 0.01
+    tok, lp = sampler.sample(torch.tensor([[1.0, 3.0, 2.0]]), temperature=0)
+    assert tok.tolist() == [1] and torch.allclose(lp, 3.0 - torch.tensor([1.0, 3.0, 2.0]).logsumexp(0))
+
+
+def test_generate_rejects_bad_arguments(llama):
+    for kw, match in [({"n": 0}, "n must be"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+                      ({"top_k": -1}, "top_k"), ({"batch_size": 0}, "batch_size"),
+                      ({"stop_strings": ["x"]}, "tokenizer"), ({"max_new_tokens": 0}, "max_new_tokens")]:
+        with pytest.raises(ValueError, match=match):
+            sampler.generate(llama, [[1, 2]], **{"max_new_tokens": 4, **kw})
+    with pytest.raises(ValueError, match="at least one token"):
+        sampler.generate(llama, [[1], []], max_new_tokens=4)
+
+
+def test_progress_bar(llama, llama_tokenizer, capsys):
+    sampler.generate(llama, encode(llama_tokenizer), n=2, max_new_tokens=4, progress=True)
+    err = capsys.readouterr().err
+    assert "6/6" in err and "tok/s" in err
+
+
+@pytest.mark.skipif(not os.environ.get("RLMT_TEST_COMPILE"),
+                    reason="compiling the decode step takes ~30 s on 2 CPU cores; set RLMT_TEST_COMPILE=1 to run it")
+def test_compiled_decode_equals_eager(llama, llama_tokenizer):
+    prompts = encode(llama_tokenizer)
+    stops = common_tokens(llama, prompts, k=20, temperature=0.7)
+    for temperature in (0, 0.7):  # one compiled graph serves both: it returns logits
+        kw = dict(n=2, max_new_tokens=12, temperature=temperature, stop_ids=stops, batch_size=4, seed=5)
+        eager = sampler.generate(llama, prompts, **kw)
+        compiled = sampler.generate(llama, prompts, compile=True, **kw)
+        assert [s["tokens"] for s in eager] == [s["tokens"] for s in compiled]
+        assert all(torch.allclose(a["logprobs"], b["logprobs"], atol=1e-5) for a, b in zip(eager, compiled))
+
+
+# ----------------------------------------------------------------------------- rlmt.dist
+
+def test_dist_single_process(monkeypatch, llama):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert dist.init() == (0, 1, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    assert dist.is_main() and not torch.distributed.is_initialized()
+    with dist.unsharded(llama) as m:  # a plain module: nothing to do
+        assert m is llama
+    dist.cleanup()
+
+
+FSDP_SCRIPT = """
+import json, sys
+import torch
+import torch.distributed as tdist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+sys.path.insert(0, {root!r})
+from rlmt import dist, sampler
+from rlmt import model as M
+
+rank, world, device = dist.init()
+plain, sharded = M.from_pretrained({path!r}), M.from_pretrained({path!r})
+for layer in sharded.model.layers:
+    fully_shard(layer)
+fully_shard(sharded)
+g = torch.Generator().manual_seed(1)
+prompts = [torch.randint(0, 300, (k,), generator=g).tolist() for k in (5, 17, 9)]
+new = 6 + 5 * rank  # the ranks decode different numbers of steps: nothing may wait on the other
+kw = dict(n=2, max_new_tokens=new, temperature=0, batch_size=3)
+want = sampler.generate(plain, prompts, **kw)
+
+calls = []  # every collective of torch.distributed, counted
+names = [n for n in dir(tdist) if callable(getattr(tdist, n))
+         and n.lstrip("_").startswith(("all_", "reduce", "broadcast", "gather", "scatter"))]
+for n in names:
+    setattr(tdist, n, lambda *a, _f=getattr(tdist, n), _n=n, **k: calls.append(_n) or _f(*a, **k))
+with dist.unsharded(sharded):
+    entry = len(calls)
+    full = not isinstance(sharded.model.layers[0].mlp.up_proj.weight, DTensor)
+    got = sampler.generate(sharded, prompts, **kw)  # a nested unsharded: a no-op
+    in_loop = len(calls) - entry
+resharded = isinstance(sharded.model.layers[0].mlp.up_proj.weight, DTensor)
+sharded(torch.tensor([prompts[0]])).logsumexp(-1).mean().backward()  # training still works afterwards
+grads = all(p.grad is not None for p in sharded.parameters())
+json.dump({{"equal": [s["tokens"] for s in got] == [s["tokens"] for s in want], "entry": entry, "full": full,
+           "in_loop": in_loop, "resharded": resharded, "grads": grads}}, open({out!r} + str(rank), "w"))
+dist.cleanup()
+"""
+
+
+def test_unsharded_fsdp2_two_processes(llama_dir, tmp_path):
+    """fully_shard on each block then the root, 2 gloo processes: the same greedy tokens as one process,
+    one all-gather per FSDP module on entry and no collective inside generate."""
+    script = tmp_path / "fsdp_generate.py"
+    script.write_text(FSDP_SCRIPT.format(root=ROOT, path=llama_dir, out=str(tmp_path / "rank")))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in range(2):
+        res = json.loads((tmp_path / f"rank{rank}").read_text())
+        assert res == {"equal": True, "entry": 3, "full": True, "in_loop": 0, "resharded": True, "grads": True}
