@@ -53,12 +53,14 @@ def corpus(n=400, seed=0):
     return lines
 
 
-def build_tokenizer(out_dir, family="llama", chat_template=True, pad_token="default", vocab_size=384):
+def build_tokenizer(out_dir, family="llama", chat_template=True, pad_token="default", vocab_size=384,
+                    added_tokens=()):
     """Train a byte-level BPE tokenizer and save it as an HF tokenizer folder.
 
     family: "llama" (BOS prepended, end-of-turn <|eot_id|>) or "qwen" (no BOS, <|im_end|>).
     chat_template: False makes a base-model tokenizer with no template (for the Zero templates).
     pad_token: "default" (the family's: none for Llama, <|endoftext|> for Qwen), None, or a token.
+    added_tokens: extra whole-word tokens (the demo makes <think> … </response> one id each).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -70,6 +72,9 @@ def build_tokenizer(out_dir, family="llama", chat_template=True, pad_token="defa
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus(), trainer)
+    if added_tokens:
+        from tokenizers import AddedToken
+        tok.add_tokens([AddedToken(t, normalized=False) for t in added_tokens])
     if family == "llama":
         bos = "<|begin_of_text|>"
         tok.post_processor = processors.TemplateProcessing(

@@ -1,0 +1,108 @@
+"""What a researcher reads after a run: metrics.jsonl (one line a step), samples.jsonl (a few prompt /
+thought / answer / reward rows a step), a reward-curve PNG, and optionally TensorBoard.
+
+Metrics stay detached tensors during the step; `reduce_metrics` averages them over ranks with one
+all-reduce and turns them into floats once, when logging.
+"""
+
+import json
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def reduce_metrics(metrics):
+    """{name: scalar tensor or float} -> {name: float}, averaged over ranks with a single collective
+    (every rank must call it, with the same names in the same order)."""
+    names = list(metrics)
+    vals = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64).detach().cpu().reshape(())
+                        for k in names])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        vals = vals.to(dev)
+        dist.all_reduce(vals)
+        vals = vals / dist.get_world_size()
+    return dict(zip(names, vals.cpu().tolist()))
+
+
+def _append_jsonl(path, rows):
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # a crash keeps every step logged so far
+
+
+def truncate_after(out_dir, step):
+    """On resume: drop lines of steps later than `step` (written after the checkpoint by a run that then
+    crashed), so metrics.jsonl and samples.jsonl hold each step once."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def log_step(out_dir, step, metrics, samples=(), tb=None):
+    """Append one metrics line (and this step's sample rows); mirror scalars to TensorBoard if open."""
+    _append_jsonl(os.path.join(out_dir, "metrics.jsonl"), [{"step": step, **metrics}])
+    if samples:
+        _append_jsonl(os.path.join(out_dir, "samples.jsonl"), [{"step": step, **s} for s in samples])
+    if tb is not None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                tb.add_scalar(k, v, step)
+
+
+def tensorboard(out_dir):
+    """A SummaryWriter under out_dir/tb when tensorboard is installed, else None (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        return None
+    return SummaryWriter(os.path.join(out_dir, "tb"))
+
+
+def read_metrics(out_dir):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_rewards(out_dir, keys=("reward_mean", "val_reward_mean", "format_rate")):
+    """reward_curve.png from metrics.jsonl when matplotlib is installed; returns its path or None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    rows = read_metrics(out_dir)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 50 else None)
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = os.path.join(out_dir, "reward_curve.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def progress_postfix(m):
+    """The few numbers worth watching on the progress bar."""
+    keys = (("reward_mean", "r"), ("format_rate", "fmt"), ("kl", "kl"), ("response_len", "len"),
+            ("tokens_per_s", "tok/s"))
+    return {short: f"{m[k]:.3g}" for k, short in keys if k in m}

@@ -1,0 +1,65 @@
+"""Prompts -> samples -> rewards -> a training batch. Shared by GRPO, PPO and DPO pair building.
+
+    rows ──encode (template, left-truncate)──> prompt ids ──sampler.generate(n=G)──> response tokens
+         ──decode, chat.split_answer──> (thought, answer, format ok) ──reward.score_all(user turn, answer)──>
+         one scalar per sample, in prompt-major order: the G samples of a prompt are consecutive.
+"""
+
+import time
+
+import torch
+
+from rlmt import chat, data, reward, sampler
+
+
+def rollout(policy, tokenizer, rows, *, template, group_size, rm=None, reward_fn=None, max_prompt_len=1024,
+            max_new_tokens=4096, temperature=0.7, top_p=1.0, top_k=0, strict=False, seed=0, batch_size=64,
+            progress=False):
+    """Sample `group_size` responses for each row and score their answers.
+
+    rows: prompt records ({"id", "messages"}), P of them. Returns a dict with N = P × group_size rows:
+      batch: sampler.to_batch(...) tensors (input_ids / attention_mask / position_ids / response_mask /
+             old_logprobs [N, T]) — the exact sampled token ids, never re-encoded text
+      rewards [N] fp32, format_ok [N] bool, response_len [N], thought_len [N] (tokens, approximated by
+      the thought's share of the response text), finish [list of "stop"/"length"], and the texts
+      (prompt, thought, answer) for samples.jsonl; t_sample, t_reward seconds.
+    """
+    t0 = time.perf_counter()
+    prompt_ids, n_cut = data.encode_prompts(tokenizer, rows, template, max_prompt_len)
+    samples = sampler.generate(policy, prompt_ids, n=group_size, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, top_k=top_k,
+                               stop_ids=chat.stop_ids(tokenizer), seed=seed, batch_size=batch_size,
+                               progress=progress)
+    t_sample = time.perf_counter() - t0
+    stops = set(chat.stop_ids(tokenizer))
+    texts, thoughts, answers, ok = [], [], [], []
+    for s in samples:
+        toks = s["tokens"][:-1] if s["tokens"] and s["tokens"][-1] in stops else s["tokens"]
+        text = tokenizer.decode(toks, skip_special_tokens=False)
+        thought, answer, fmt = chat.split_answer(text, template, strict=strict)
+        texts.append(text)
+        thoughts.append(thought)
+        answers.append(answer)
+        ok.append(fmt)
+    prompts = [rows[s["prompt_index"]]["messages"] for s in samples]
+    t1 = time.perf_counter()
+    rewards = reward.score_all(rm, reward_fn, prompts, answers)
+    t_reward = time.perf_counter() - t1
+    lens = torch.tensor([len(s["tokens"]) for s in samples], dtype=torch.float32)
+    thought_share = torch.tensor([len(th) / max(1, len(tx)) for th, tx in zip(thoughts, texts)])
+    return {
+        "batch": sampler.to_batch(prompt_ids, samples, chat.pad_id(tokenizer)),
+        "rewards": rewards.float(), "format_ok": torch.tensor(ok), "response_len": lens,
+        "thought_len": lens * thought_share, "finish": [s["finish_reason"] for s in samples],
+        "prompt_ids": prompt_ids, "ids": [rows[s["prompt_index"]]["id"] for s in samples],
+        "prompts": [chat.user_turn(p) for p in prompts], "texts": texts, "thoughts": thoughts,
+        "answers": answers, "n_truncated": n_cut, "t_sample": t_sample, "t_reward": t_reward,
+    }
+
+
+def sample_rows(ro, k=4):
+    """A few rows for samples.jsonl: what the model actually writes, with its reward."""
+    idx = range(0, len(ro["texts"]), max(1, len(ro["texts"]) // k))
+    return [{"id": ro["ids"][i], "prompt": ro["prompts"][i], "text": ro["texts"][i], "thought": ro["thoughts"][i],
+             "answer": ro["answers"][i], "reward": float(ro["rewards"][i]), "format_ok": bool(ro["format_ok"][i]),
+             "finish": ro["finish"][i]} for i in list(idx)[:k]]
