@@ -3,6 +3,7 @@
   python sample.py --model DIR_OR_ALIAS --prompts FILE.jsonl --out OUT.jsonl [--n 4] [--template think]
   torchrun --nproc_per_node 8 -- sample.py ...   each rank samples its share of the prompts; rank 0 writes
   python sample.py --model DIR_OR_ALIAS --interactive
+  python sample.py --model DIR_OR_ALIAS --serve [--host 127.0.0.1] [--port 8000] [--template think]
 
 (Under torchrun the `--` matters: torchrun's own parser reads `--n` as an ambiguous abbreviation of its
 `--nnodes` / `--nproc-per-node` flags otherwise.)
@@ -11,12 +12,24 @@ Each output line is one sample, in prompt order: id, sample (index within the pr
 response without its stop token), thought and response (rlmt.chat.split_answer under the template),
 format_ok, token_ids (the response tokens, ending with the stop token when finish_reason is "stop"),
 num_tokens, finish_reason ("stop" or "length").
+
+--serve answers OpenAI chat-completions requests (`/v1/models`, `/v1/chat/completions`) so that official
+harnesses, and eval.py's judge, can query an rlmt checkpoint: the answer is the message's `content`, the
+thought its `reasoning_content`. Requests that arrive within --batch-wait-ms of each other are decoded
+together in one sampler.generate call (one per distinct set of sampling fields). No streaming, no auth:
+it binds 127.0.0.1 unless --host says otherwise.
 """
 
 import argparse
+import http.server
 import json
 import os
+import queue
+import random
 import sys
+import threading
+import time
+import uuid
 
 import torch
 
@@ -63,9 +76,18 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPUs)")
     p.add_argument("--interactive", action="store_true",
                    help="chat in the terminal, the thought shown apart from the answer")
+    p.add_argument("--serve", action="store_true",
+                   help="serve OpenAI-compatible /v1/models and /v1/chat/completions over HTTP; request "
+                        "fields override --temperature / --top-p; --max-new-tokens caps max_tokens")
+    p.add_argument("--host", default="127.0.0.1", help="--serve: address to bind (0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8000, help="--serve: TCP port")
+    p.add_argument("--served-model-name", default=None,
+                   help="--serve: the model id clients ask for; unset: the --model folder's name")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="--serve: how long the first request of a batch waits for others to join it")
     args = p.parse_args(argv)
-    if not args.interactive and not (args.prompts and args.out):
-        fail("--prompts and --out are required (or use --interactive)")
+    if not args.interactive and not args.serve and not (args.prompts and args.out):
+        fail("--prompts and --out are required (or use --interactive or --serve)")
     for bad, message in [
         (args.n < 1, f"--n must be at least 1, got {args.n}"),
         (args.temperature < 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
@@ -75,6 +97,9 @@ def parse_args(argv=None):
         (args.max_prompt_len is not None and args.max_prompt_len < 2,
          f"--max-prompt-len must be at least 2, got {args.max_prompt_len}"),
         (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+        (not 0 <= args.port < 65536, f"--port must be in [0, 65535], got {args.port}"),
+        (args.batch_wait_ms < 0, f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}"),
+        (args.interactive and args.serve, "--interactive and --serve exclude each other"),
     ]:
         if bad:
             fail(message)
@@ -159,19 +184,193 @@ def chat_loop(model, tokenizer, args):
         turn += 1
 
 
+# --- OpenAI-compatible server --------------------------------------------------------------------------
+
+MAX_BODY = 32 << 20  # bytes; a larger request body is refused with 413
+
+
+def parse_chat_request(body, tokenizer, args, names):
+    """A /v1/chat/completions body -> (job, None), or (None, (status, message)) for a bad request.
+
+    The job holds the prompt ids and the sampling fields; requests with equal fields share a batch."""
+    try:
+        req = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, (400, f"the body is not valid JSON ({e})")
+    if not isinstance(req, dict):
+        return None, (400, "the body must be a JSON object")
+    if req.get("model") is not None and req["model"] not in names:
+        return None, (404, f"model {req['model']!r} is not served here; ask for {names[0]!r}")
+    if req.get("stream"):
+        return None, (400, "stream=true is not supported; send stream=false")
+    if not isinstance(req.get("messages"), list) or not req["messages"]:
+        return None, (400, "messages must be a non-empty list of {role, content} objects")
+    messages = []
+    for i, m in enumerate(req["messages"]):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(content, str) or m.get("role") not in data.ROLES:
+            return None, (400, f"messages[{i}] needs a role ({', '.join(data.ROLES)}) and string content")
+        messages.append({"role": m["role"], "content": content})
+    if messages[-1]["role"] != "user":
+        return None, (400, f"the last message must be a user turn, not {messages[-1]['role']}")
+
+    def field(name, default, ok, rule, kind=(int, float)):
+        value = req.get(name)
+        value = default if value is None else value
+        good = isinstance(value, kind) and not isinstance(value, bool) and ok(value)
+        return value, None if good else f"{name} must be {rule}, got {value!r}"
+
+    if req.get("max_completion_tokens") is not None:  # the newer name of max_tokens
+        req["max_tokens"] = req["max_completion_tokens"]
+    checks = [field("temperature", args.temperature, lambda v: v >= 0, "a number >= 0"),
+              field("top_p", args.top_p, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+              field("max_tokens", args.max_new_tokens, lambda v: 1 <= v <= args.max_new_tokens,
+                    f"an integer in [1, {args.max_new_tokens}] (the server's --max-new-tokens)", int),
+              field("n", 1, lambda v: 1 <= v <= 64, "an integer in [1, 64]", int),
+              field("seed", random.getrandbits(62), lambda v: True, "an integer", int)]
+    for _, problem in checks:
+        if problem:
+            return None, (400, problem)
+    (temperature, _), (top_p, _), (max_tokens, _), (n, _), (seed, _) = checks
+    stop = req.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
+        return None, (400, "stop must be a non-empty string or a list of at most 4 of them")
+    try:
+        ids = data.encode_prompts(tokenizer, [{"messages": messages}], args.template, args.max_prompt_len)[0][0]
+    except ValueError as e:
+        return None, (400, f"cannot render the messages with the {args.template} template: {e}")
+    return {"ids": ids, "seed": seed, "stop": stop, "key": (float(temperature), float(top_p), max_tokens, n,
+                                                            tuple(stop)),
+            "samples": [], "error": None, "done": threading.Event()}, None
+
+
+def batch_worker(model, tokenizer, args, jobs):
+    """The one thread that runs the model: take a request, let others join it for --batch-wait-ms, then
+    decode each group of requests with equal sampling fields in one sampler.generate call."""
+    stops = chat.stop_ids(tokenizer)
+    while True:
+        batch = [jobs.get()]
+        deadline = time.monotonic() + args.batch_wait_ms / 1000
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                batch.append(jobs.get(timeout=left))
+            except queue.Empty:
+                break
+        groups = {}
+        for job in batch:
+            groups.setdefault(job["key"], []).append(job)
+        for (temperature, top_p, max_tokens, n, stop), group in groups.items():
+            try:
+                samples = sampler.generate(
+                    model, [j["ids"] for j in group], n, max_new_tokens=max_tokens, temperature=temperature,
+                    top_p=top_p, stop_ids=stops, stop_strings=list(stop), tokenizer=tokenizer,
+                    seed=[j["seed"] for j in group], batch_size=args.batch_size, compile=args.compile)
+                for s in samples:
+                    group[s["prompt_index"]]["samples"].append(s)
+            except Exception as e:  # answer these requests with a 500 and keep serving the next ones
+                for j in group:
+                    j["error"] = (500, f"generation failed: {type(e).__name__}: {e}")
+            for j in group:
+                j["done"].set()
+        print(f"decoded {len(batch)} request(s) in {len(groups)} batch(es)", file=sys.stderr, flush=True)
+
+
+def completion_body(job, tokenizer, args, name):
+    """The chat.completion object: per sample the answer as content, the thought as reasoning_content."""
+    stops = set(chat.stop_ids(tokenizer))
+    choices, completion_tokens = [], 0
+    for k, s in enumerate(job["samples"]):
+        text = response_text(tokenizer, s, stops)
+        cut = min((text.find(x) for x in job["stop"] if x in text), default=-1)
+        text = text[:cut] if cut >= 0 else text  # OpenAI leaves the stop sequence out of the text
+        thought, answer, _ = chat.split_answer(text, args.template, last=True)
+        choices.append({"index": k, "message": {"role": "assistant", "content": answer,
+                                                "reasoning_content": thought or None},
+                        "finish_reason": s["finish_reason"]})
+        completion_tokens += len(s["tokens"])
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": name, "choices": choices,
+            "usage": {"prompt_tokens": len(job["ids"]), "completion_tokens": completion_tokens,
+                      "total_tokens": len(job["ids"]) + completion_tokens}}
+
+
+def serve(model, tokenizer, args):
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    names, started = (name, args.model), int(time.time())
+    jobs = queue.Queue()
+    threading.Thread(target=batch_worker, args=(model, tokenizer, args, jobs), daemon=True).start()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        """One thread per connection (ThreadingHTTPServer); it parses, queues and waits for the worker.
+        The default access log prints the request line only, never the headers (API keys stay out)."""
+
+        def reply(self, status, body):
+            raw = json.dumps(body, ensure_ascii=False).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def error(self, status, message):
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            self.reply(status, {"error": {"message": message, "type": kind, "code": status}})
+
+        def do_GET(self):
+            if self.path.split("?")[0].rstrip("/") in ("/v1/models", "/models"):
+                return self.reply(200, {"object": "list", "data": [
+                    {"id": name, "object": "model", "created": started, "owned_by": "rlmt"}]})
+            self.error(404, f"no route GET {self.path}; this server has GET /v1/models and "
+                            "POST /v1/chat/completions")
+
+        def do_POST(self):
+            if self.path.split("?")[0].rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+                return self.error(404, f"no route POST {self.path}; use /v1/chat/completions")
+            length = self.headers.get("Content-Length", "")
+            if not length.isdigit():
+                return self.error(411, "a Content-Length header is required")
+            if int(length) > MAX_BODY:
+                self.close_connection = True  # the unread body must not be parsed as the next request
+                return self.error(413, f"the body is larger than {MAX_BODY} bytes")
+            job, problem = parse_chat_request(self.rfile.read(int(length)), tokenizer, args, names)
+            if problem:
+                return self.error(*problem)
+            jobs.put(job)
+            job["done"].wait()
+            if job["error"]:
+                return self.error(*job["error"])
+            self.reply(200, completion_body(job, tokenizer, args, name))
+
+    try:
+        server = http.server.ThreadingHTTPServer((args.host, args.port), Handler)
+    except OSError as e:
+        fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    host, port = server.server_address[:2]
+    print(f"serving {name!r} ({args.template} template) on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 # --- main ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
     rows = None
-    if not args.interactive:
+    if not args.interactive and not args.serve:
         try:
             rows = data.load_prompts(args.prompts)
         except data.DataError as e:
             fail(e)
     rank, world, device = dist.init()
-    if args.interactive and world > 1:
-        fail("--interactive runs in one process, not under torchrun")
+    if (args.interactive or args.serve) and world > 1:
+        fail("--interactive and --serve run in one process, not under torchrun")
     try:
         tokenizer = chat.load_tokenizer(args.model)
         prompt_ids = data.encode_prompts(tokenizer, rows, args.template, args.max_prompt_len)[0] if rows else None
@@ -184,6 +383,8 @@ def main(argv=None):
         fail(e)
     if args.interactive:
         return chat_loop(model, tokenizer, args)
+    if args.serve:
+        return serve(model, tokenizer, args)
 
     lo, hi = rank * len(rows) // world, (rank + 1) * len(rows) // world  # this rank's prompts
     samples = sampler.generate(model, prompt_ids[lo:hi], args.n, progress=dist.is_main(),

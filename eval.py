@@ -1,0 +1,512 @@
+"""Evaluate a model as the paper does: generate with the thinking template, judge it against a baseline,
+and export its answers for the official harnesses (AlpacaEval 2, Arena-Hard v2, WildBench).
+
+  python eval.py --model M --prompts FILE.jsonl --out DIR [--baseline B | --reference outputs.jsonl]
+                 [--judge rm:PATH_OR_ALIAS | --judge http://HOST:PORT/v1 --judge-model NAME]
+                 [--export alpaca_eval,arena_hard,wildbench]
+
+Generation uses the paper's settings (T 0.7, top-p 0.95, up to 8192 new tokens) and takes the answer
+after the *last* `</think>`. DIR/model.jsonl and DIR/baseline.jsonl hold one row a prompt; a rerun reuses
+every row made from the same prompt, model and settings, and generates only the rest.
+
+Judges (the statistics live in rlmt.judge):
+  rm:PATH       a reward model: P(win) = σ(r_model − r_ref) per prompt. Cheap; for research, not for
+                numbers to compare with the paper's GPT-4o / GPT-4.1 judges.
+  http://…/v1   an OpenAI-compatible chat-completions judge (OpenAI, vLLM, or `sample.py --serve`; the API
+                key is read from OPENAI_API_KEY), asked once with each answer shown first. Replies are
+                cached in DIR/judge_cache.jsonl: a rerun sends only the requests it has no reply for.
+                Unparsable verdicts and failed requests are counted and listed, never dropped silently.
+Both report the win rate and the paper's length-controlled win rate, each with a 95% bootstrap interval.
+
+Written to DIR: results.json (every figure), report.md, judgments.jsonl (one line a prompt),
+thinking_lengths.png (when matplotlib is installed) and export/ (see `export` below).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import numpy as np
+import torch
+
+from rlmt import chat, data, judge, sampler
+from rlmt.model import from_pretrained, resolve_path
+from sample import response_text, write_jsonl
+
+EXPORTS = ("alpaca_eval", "arena_hard", "wildbench")
+
+
+def fail(message):
+    """One line on stderr and exit status 2, before any model is loaded where possible."""
+    print(f"eval.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# --- flags ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder, hub id or alias (rlmt.model.ALIASES)")
+    p.add_argument("--prompts", required=True,
+                   help='benchmark prompts: JSONL (or a JSON array) of {"id", "messages"} or {"id", "prompt"}; '
+                        'extra fields (uid, session_id, dataset, category) are carried into the exports')
+    p.add_argument("--out", required=True, help="output folder; answers already in it are reused")
+    p.add_argument("--baseline", help="a second checkpoint to generate with and judge against")
+    p.add_argument("--reference", help="an existing outputs file to judge against instead (this script's "
+                                       "model.jsonl, sample.py's output, or AlpacaEval / WildBench JSON)")
+    p.add_argument("--name", help="the model's name in exports and the report; unset: its folder name")
+    p.add_argument("--baseline-name", help="the baseline's name; unset: its folder name")
+    p.add_argument("--template", choices=chat.TEMPLATES, default="think",
+                   help="prompt template of the model (think: its chat template, turn opened with <think>)")
+    p.add_argument("--baseline-template", choices=chat.TEMPLATES, help="the baseline's; unset: --template")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--max-new-tokens", type=int, default=8192, help="thought + answer length limit")
+    p.add_argument("--max-prompt-len", type=int, default=None, help="left-truncate prompts to this many tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weight dtype; auto = bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--judge", help="rm:PATH_OR_ALIAS (a reward model) or http(s)://HOST:PORT/v1 "
+                                   "(an OpenAI-compatible endpoint; needs --judge-model)")
+    p.add_argument("--judge-model", help="the model name sent to an HTTP judge (e.g. gpt-4o-2024-08-06)")
+    p.add_argument("--judge-max-tokens", type=int, default=1024, help="HTTP judge: reply length limit")
+    p.add_argument("--judge-timeout", type=float, default=120.0, help="HTTP judge: seconds per request")
+    p.add_argument("--judge-retries", type=int, default=3,
+                   help="HTTP judge: retries after a timeout, connection error, 429 or 5xx (backoff 1, 2, 4 s…)")
+    p.add_argument("--judge-workers", type=int, default=8, help="HTTP judge: requests in flight at once")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--export", default="", help=f"comma-separated answer files to write: {','.join(EXPORTS)}")
+    args = p.parse_args(argv)
+    args.exports = [x.strip() for x in args.export.split(",") if x.strip()]
+    args.judge_kind = None if not args.judge else "rm" if args.judge.startswith("rm:") and args.judge[3:] \
+        else "http" if re.match(r"https?://[^/\s]+", args.judge) else "bad"
+    for bad, message in [
+        (args.judge_kind == "bad", f"--judge must be rm:PATH_OR_ALIAS or http(s)://HOST:PORT/v1, got {args.judge!r}"),
+        (args.judge_kind == "http" and not args.judge_model, "--judge http://… needs --judge-model NAME"),
+        (bool(args.baseline and args.reference), "give --baseline or --reference, not both"),
+        (bool(args.judge and not (args.baseline or args.reference)),
+         "--judge compares the model with a baseline: give --baseline or --reference"),
+        (bool(set(args.exports) - set(EXPORTS)),
+         f"unknown --export {sorted(set(args.exports) - set(EXPORTS))}; choose from {','.join(EXPORTS)}"),
+        (args.temperature < 0, f"--temperature must be >= 0, got {args.temperature}"),
+        (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (args.max_new_tokens < 1, f"--max-new-tokens must be at least 1, got {args.max_new_tokens}"),
+        (args.max_prompt_len is not None and args.max_prompt_len < 2, "--max-prompt-len must be at least 2"),
+        (args.batch_size < 1 or args.judge_workers < 1 or args.bootstrap < 1 or args.judge_retries < 0,
+         "--batch-size, --judge-workers and --bootstrap must be positive, --judge-retries >= 0"),
+    ]:
+        if bad:
+            fail(message)
+    return args
+
+
+def folder_name(path):
+    return os.path.basename(os.path.normpath(path))
+
+
+def write_json(path, obj):
+    """Written to a temporary name and renamed, so a crash leaves no half file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_jsonl(path):
+    """The rows of a JSONL file ([] when there is none); a line cut short by a crash is skipped, so its
+    answer is generated (or its judge request sent) again."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    pass
+    return rows
+
+
+# --- generation ----------------------------------------------------------------------------------------
+
+def settings_key(model, template, args):
+    """What an answer depends on besides its prompt: rows with another key are generated again."""
+    blob = json.dumps([model, template, args.temperature, args.top_p, args.max_new_tokens, args.max_prompt_len,
+                       args.seed])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def generate(which, model_path, template, rows, args, device, dtype):
+    """One answer per prompt row from `model_path` -> output rows, in prompt order. Rows already in
+    DIR/{which}.jsonl with the same prompt and settings are reused; the rest are generated a few batches
+    at a time, and the file is rewritten after each chunk, so an interrupted run loses little."""
+    path = os.path.join(args.out, f"{which}.jsonl")
+    key = settings_key(model_path, template, args)
+    old = {r["id"]: r for r in read_jsonl(path) if r.get("settings") == key}
+    done = {r["id"]: old[r["id"]] for r in rows if r["id"] in old and old[r["id"]]["messages"] == r["messages"]}
+    todo = [i for i, r in enumerate(rows) if r["id"] not in done]
+    print(f"{which}: {len(done)} answers reused from {path}, {len(todo)} to generate", file=sys.stderr)
+    if todo:
+        tokenizer = chat.load_tokenizer(model_path)
+        model = from_pretrained(model_path, dtype=dtype, device=device)
+        stops = chat.stop_ids(tokenizer)
+        ids = data.encode_prompts(tokenizer, [rows[i] for i in todo], template, args.max_prompt_len)[0]
+        chunk = 4 * args.batch_size
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            # each prompt's seed follows its index in the file: a resumed run draws what one run would
+            samples = sampler.generate(model, ids[start:start + chunk], 1, max_new_tokens=args.max_new_tokens,
+                                       temperature=args.temperature, top_p=args.top_p, stop_ids=stops,
+                                       seed=[(args.seed << 32) + i for i in part], batch_size=args.batch_size,
+                                       progress=True)
+            for i, s in zip(part, samples):
+                text = response_text(tokenizer, s, set(stops))
+                thought, answer, ok = chat.split_answer(text, template, last=True)
+                done[rows[i]["id"]] = {"id": rows[i]["id"], "generator": model_path, "settings": key,
+                                       "messages": rows[i]["messages"], "text": text, "thought": thought,
+                                       "answer": answer, "format_ok": ok, "num_tokens": len(s["tokens"]),
+                                       "finish_reason": s["finish_reason"]}
+            write_jsonl(path, [done[r["id"]] for r in rows if r["id"] in done])
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return [done[r["id"]] for r in rows]
+
+
+def load_reference(path, rows):
+    """Answers from an existing outputs file, matched to the prompts by id (or uid, session_id,
+    question_id), else by the last user turn (AlpacaEval's "instruction"). A `</think>` in an answer
+    without a separate thought is split off on the last one, as for generated answers."""
+    try:
+        records = [rec for _, rec in data.read_records(path)]
+    except data.DataError as e:
+        fail(f"--reference {e}")
+    by_id, by_text = {}, {}
+    for n, rec in enumerate(records):
+        answer = next((rec[k] for k in ("answer", "response", "output") if k in rec), None)
+        answer = answer[0] if isinstance(answer, list) and answer else answer
+        if not isinstance(answer, str):
+            fail(f'--reference {path}: record {n} has no "answer", "response" or "output" string')
+        thought, ok = rec.get("thought", ""), rec.get("format_ok")
+        if "thought" not in rec and chat.THINK_CLOSE in answer:
+            thought, answer, ok = chat.split_answer(answer, "chat", last=True)
+        row = {"generator": rec.get("generator") or rec.get("model") or os.path.splitext(folder_name(path))[0],
+               "thought": thought or "", "answer": answer, "format_ok": ok,
+               "num_tokens": rec.get("num_tokens"), "finish_reason": rec.get("finish_reason")}
+        for k in ("id", "uid", "session_id", "question_id"):
+            if rec.get(k) is not None:
+                by_id.setdefault(str(rec[k]), row)
+        if isinstance(rec.get("instruction"), str):
+            by_text.setdefault(rec["instruction"].strip(), row)
+    out, missing = [], []
+    for r in rows:
+        hit = by_id.get(r["id"]) or by_text.get(chat.user_turn(r["messages"]).strip())
+        if hit is None:
+            missing.append(r["id"])
+        out.append({"id": r["id"], "messages": r["messages"], **(hit or {})})
+    if missing:
+        fail(f"--reference {path}: no answer for {len(missing)} of {len(rows)} prompts (e.g. id {missing[0]!r}); "
+             "records are matched by id, uid, session_id or question_id, else by the instruction text")
+    return out
+
+
+# --- thinking statistics -------------------------------------------------------------------------------
+
+def thinking_stats(rows, tokenizer):
+    """Format rate, share cut at the length limit, thought and answer lengths in tokens (all counted with
+    the evaluated model's tokenizer, one ruler for every generator) and in words."""
+    def spread(values):
+        v = np.asarray(values, dtype=np.float64)
+        return {"mean": float(v.mean()), "median": float(np.median(v)), "p90": float(np.percentile(v, 90)),
+                "max": float(v.max())} if len(v) else None
+
+    def tokens(texts):
+        return [len(t) for t in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+
+    counts = {f: tokens([r[f] for r in rows]) for f in ("thought", "answer")}
+    fmt = [bool(r["format_ok"]) for r in rows if r.get("format_ok") is not None]
+    cut = [r["finish_reason"] == "length" for r in rows if r.get("finish_reason")]
+    stats = {"n": len(rows), "format_rate": float(np.mean(fmt)) if fmt else None,
+             "cut_at_max_tokens": float(np.mean(cut)) if cut else None,
+             "thought_tokens": spread(counts["thought"]), "answer_tokens": spread(counts["answer"]),
+             "thought_words": spread([judge.word_count(r["thought"]) for r in rows]),
+             "answer_words": spread([judge.word_count(r["answer"]) for r in rows])}
+    return stats, counts
+
+
+def plot_lengths(counts_by_name, path):
+    """Histograms of thought and answer lengths per generator, when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, field in zip(axes, ("thought", "answer")):
+        for name, counts in counts_by_name.items():
+            ax.hist(counts[field], bins=30, alpha=0.5, label=name)
+        ax.set_xlabel(f"{field} tokens")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --- judges --------------------------------------------------------------------------------------------
+
+def judge_rm(spec, model_rows, ref_rows, device, dtype):
+    """Reward-model judge -> per-prompt records with the model's P(win)."""
+    from rlmt.reward import RewardModel
+    try:
+        rm = RewardModel(spec, device=device, dtype=dtype)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--judge rm:{spec}: {e}")
+    prompts = [r["messages"] for r in model_rows]
+    p, r_model, r_ref = judge.rm_win_probs(rm, prompts, [r["answer"] for r in model_rows],
+                                           [r["answer"] for r in ref_rows])
+    return [{"id": m["id"], "win": float(w), "r_model": float(a), "r_ref": float(b)}
+            for m, w, a, b in zip(model_rows, p, r_model, r_ref)], {}
+
+
+def judge_http(args, model_rows, ref_rows):
+    """LLM judge over HTTP: two games a prompt (the model's answer shown as A, then as B); a prompt's win
+    is the mean of its parsed games -> per-prompt records and the request accounting."""
+    api_key = os.environ.get("OPENAI_API_KEY") or None
+    url = args.judge.rstrip("/") + "/chat/completions"
+    cache_path = os.path.join(args.out, "judge_cache.jsonl")
+    cache = {c["key"]: c["content"] for c in read_jsonl(cache_path)}
+    games = []  # (prompt index, model shown as A, request key)
+    todo = {}
+    for i, (m, r) in enumerate(zip(model_rows, ref_rows)):
+        for model_is_a in (True, False):
+            a, b = (m["answer"], r["answer"]) if model_is_a else (r["answer"], m["answer"])
+            payload = {"model": args.judge_model, "messages": judge.judge_messages(m["messages"], a, b),
+                       "temperature": 0.0, "max_tokens": args.judge_max_tokens}
+            key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+            games.append((i, model_is_a, key))
+            if key not in cache:
+                todo[key] = payload  # a dict: identical requests (equal answers) are sent once
+    errors, lock = {}, threading.Lock()
+
+    def run(key, payload):
+        content, error = judge.chat_completion(url, payload, api_key, args.judge_timeout, args.judge_retries)
+        with lock:  # the cache file grows one reply at a time, so a crash keeps what was paid for
+            if content is None:
+                errors[key] = error
+                return
+            cache[key] = content
+            with open(cache_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "judge": args.judge_model, "content": content},
+                                   ensure_ascii=False) + "\n")
+
+    print(f"judge: {len(games)} games, {len(todo)} requests to send to {url}", file=sys.stderr)
+    with ThreadPoolExecutor(args.judge_workers) as pool:
+        futures = [pool.submit(run, k, p) for k, p in todo.items()]
+        try:
+            for f in as_completed(futures):
+                f.result()
+        except RuntimeError as e:
+            pool.shutdown(cancel_futures=True)
+            fail(e)
+    records = []
+    for i, m in enumerate(model_rows):  # games 2i and 2i + 1: the model shown as A, then as B
+        verdicts = ["failed" if key not in cache else judge.parse_verdict(cache[key]) or "unparsable"
+                    for _, _, key in games[2 * i:2 * i + 2]]
+        scores = [judge.game_score(v, is_a) for v, (_, is_a, _) in zip(verdicts, games[2 * i:2 * i + 2])
+                  if v not in ("failed", "unparsable")]
+        records.append({"id": m["id"], "verdicts": verdicts, "win": sum(scores) / len(scores) if scores else None})
+    every = [v for r in records for v in r["verdicts"]]
+    return records, {"judge_model": args.judge_model, "games": len(games), "requests_sent": len(todo),
+                     "unparsable_games": every.count("unparsable"), "failed_games": every.count("failed"),
+                     "example_error": next(iter(errors.values()), None),
+                     "prompts_without_verdict": [r["id"] for r in records if r["win"] is None]}
+
+
+# --- exports -------------------------------------------------------------------------------------------
+
+def markdown_counts(text):
+    """Arena-Hard's style features (headers, list items, bold spans), code blocks removed first."""
+    text = re.sub(r"```[^`]*```", "", text)
+    return {"header_count": {f"h{k}": len(re.findall(rf"^#{{{k}}}\s", text, re.M)) for k in range(1, 7)},
+            "list_count": {"ordered": len(re.findall(r"^\s*\d+\.\s", text, re.M)),
+                           "unordered": len(re.findall(r"^\s*[-*+]\s", text, re.M))},
+            "bold_count": {"**": len(re.findall(r"\*\*[^*\n]+\*\*", text)),
+                           "__": len(re.findall(r"__[^_\n]+__", text))}}
+
+
+def export(fmt, name, rows, raw, tokenizer, args):
+    """Write the answers (thought stripped) in a harness's own format -> the file's path.
+
+    alpaca_eval  AlpacaEval 2 (github.com/tatsu-lab/alpaca_eval): `alpaca_eval --model_outputs FILE` reads a
+                 JSON list of {"instruction", "output", "generator"} (+ "dataset" when the prompt row has
+                 one) and pairs outputs with the reference outputs by instruction.
+    arena_hard   Arena-Hard-Auto v2.0 (github.com/lmarena/arena-hard-auto): copy to
+                 data/arena-hard-v2.0/model_answer/{name}.jsonl. One line a question: {"uid", "ans_id",
+                 "model", "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content":
+                 {"answer": text}}], "tstamp", "metadata": {"token_len", header/list/bold counts}};
+                 gen_judgment.py keys answers by uid and reads messages[-1]["content"]["answer"]. token_len is
+                 counted with the model's tokenizer, not tiktoken; the project's utils/add_markdown_info.py
+                 recomputes it. (v0.1 used {"question_id", "model_id", "choices"}; not written.)
+    wildbench    WildBench (github.com/allenai/WildBench): copy to result_dirs/wild_bench_v2/{name}.json,
+                 a JSON list of {"session_id", "chat_history", "model_input", "output": [text], "generator",
+                 "configs", "dataset"}; its evaluation matches by session_id and reads output[0].
+    The question ids are the prompt rows' uid / session_id when present, else their id."""
+    safe = re.sub(r"[^\w.-]+", "_", name)
+    gen = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_new_tokens}
+    if fmt == "alpaca_eval":
+        path = os.path.join(args.out, "export", "alpaca_eval", f"{safe}.json")
+        items = [{"instruction": chat.user_turn(r["messages"]), "output": r["answer"], "generator": name,
+                  **({"dataset": raw[r["id"]]["dataset"]} if "dataset" in raw[r["id"]] else {})} for r in rows]
+    elif fmt == "arena_hard":
+        path = os.path.join(args.out, "export", "arena_hard", "model_answer", f"{safe}.jsonl")
+        lengths = [len(t) for t in tokenizer([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]]
+        items = [{"uid": str(raw[r["id"]].get("uid", r["id"])), "ans_id": uuid.uuid4().hex[:22], "model": name,
+                  "messages": [{"role": "user", "content": chat.user_turn(r["messages"])},
+                               {"role": "assistant", "content": {"answer": r["answer"]}}],
+                  "tstamp": time.time(), "metadata": {"token_len": n, **markdown_counts(r["answer"])}}
+                 for r, n in zip(rows, lengths)]
+    else:
+        path = os.path.join(args.out, "export", "wildbench", f"{safe}.json")
+        items = [{"session_id": str(raw[r["id"]].get("session_id", r["id"])),
+                  "chat_history": [m["content"] for m in r["messages"] if m["role"] != "system"],
+                  "model_input": "n/a", "output": [r["answer"]], "generator": name, "configs": gen,
+                  "dataset": "wild_bench_v2", **{k: raw[r["id"]][k] for k in ("primary_tag",) if k in raw[r["id"]]}}
+                 for r in rows]
+    (write_jsonl if path.endswith(".jsonl") else write_json)(path, items)
+    return path
+
+
+# --- report --------------------------------------------------------------------------------------------
+
+def show(x, pct=False):
+    return "n/a" if x is None else f"{100 * x:.1f}%" if pct else f"{x:.4g}"
+
+
+def write_report(path, res):
+    st, j = res["settings"], res["judge"]
+    ci = lambda c: f"[{show(c[0], True)}, {show(c[1], True)}]" if c else "n/a"  # noqa: E731
+    mm = lambda d: f"{show(d['mean'])} / {show(d['median'])}" if d else "n/a"  # noqa: E731
+    lines = [f"# Evaluation: {res['model']}", "", f"{res['n_prompts']} prompts from `{st['prompts']}`; template "
+             f"`{st['template']}`, T {st['temperature']}, top-p {st['top_p']}, up to {st['max_new_tokens']} new "
+             "tokens; the answer is the text after the last `</think>`.", ""]
+    if j:
+        lines += ["## Pairwise judgement", "",
+                  "| judge | against | prompts judged | win rate | 95% CI | LC win rate | 95% CI |",
+                  "| --- | --- | --- | --- | --- | --- | --- |",
+                  f"| {j['judge']} | {res['reference']} | {j['n']} | {show(j['win_rate'], True)} | "
+                  f"{ci(j['win_rate_ci95'])} | {show(j['lc_win_rate'], True)} | {ci(j['lc_win_rate_ci95'])} |", "",
+                  "LC: a logistic regression of the win on the word-count difference (model − reference), read "
+                  "at a difference of zero."
+                  + (" Reward model: P(win) = σ(r_model − r_ref)." if j["kind"] == "rm" else ""), ""]
+        if j["kind"] == "http":
+            lines += [f"{j['games']} games (each prompt judged in both orders); {j['requests_sent']} requests sent "
+                      f"this run; **unparsable verdicts: {j['unparsable_games']}**; failed requests: "
+                      f"{j['failed_games']}" + (f" (e.g. {j['example_error']})" if j["example_error"] else "")
+                      + f"; prompts without any verdict, left out of the win rate: "
+                        f"{len(j['prompts_without_verdict'])}.", ""]
+    lines += ["## Thinking", "", "| generator | format rate | cut at max tokens | thought tokens (mean / median) "
+              "| answer tokens (mean / median) | thought words (mean / median) | answer words (mean / median) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, t in res["thinking"].items():
+        lines.append(f"| {name} | {show(t['format_rate'], True)} | {show(t['cut_at_max_tokens'], True)} | "
+                     + " | ".join(mm(t[k]) for k in ("thought_tokens", "answer_tokens", "thought_words",
+                                                     "answer_words")) + " |")
+    if res["plot"]:
+        lines += ["", f"![thought and answer lengths]({os.path.basename(res['plot'])})"]
+    if res["exports"]:
+        lines += ["", "## Exports (thought stripped)", ""] + [f"- {k}: `{v}`" for k, v in res["exports"].items()]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        rows = data.load_prompts(args.prompts)
+        raw = {r["id"]: rec for r, (_, rec) in zip(rows, data.read_records(args.prompts))}
+    except data.DataError as e:
+        fail(e)
+    repeated = next(((i, c) for i, c in Counter(r["id"] for r in rows).items() if c > 1), None)
+    if repeated:  # answers, judgements and exports are keyed by id
+        fail(f"{args.prompts}: ids must be unique; {repeated[0]!r} appears {repeated[1]} times")
+    for flag, path in (("--model", args.model), ("--baseline", args.baseline),
+                       ("--judge rm:", args.judge[3:] if args.judge_kind == "rm" else None)):
+        try:
+            if path:
+                resolve_path(path)  # a typo fails now, not after hours of generation
+        except FileNotFoundError as e:
+            fail(f"{flag}: {e}")
+    ref_rows = load_reference(args.reference, rows) if args.reference else None
+    if args.judge_kind == "http":  # an unreachable judge or a refused key fails now, not after the generation
+        problem = judge.check_endpoint(args.judge.rstrip("/"), os.environ.get("OPENAI_API_KEY") or None,
+                                       min(args.judge_timeout, 10))
+        if problem:
+            fail(problem)
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else \
+        torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = args.name or folder_name(args.model)
+
+    # --- generate
+    model_rows = generate("model", args.model, args.template, rows, args, device, dtype)
+    ref_name = None
+    if args.baseline or args.reference:
+        ref_name = args.baseline_name or (folder_name(args.baseline) if args.baseline else ref_rows[0]["generator"])
+        ref_name += "-baseline" if ref_name == name else ""  # names key the report and the export files
+    if args.baseline:
+        ref_rows = generate("baseline", args.baseline, args.baseline_template or args.template, rows, args, device,
+                            dtype)
+    generated = {name: model_rows, **({ref_name: ref_rows} if args.baseline else {})}
+
+    # --- thinking statistics
+    tokenizer = chat.load_tokenizer(args.model)
+    thinking, counts = {}, {}
+    for n, rs in ([(name, model_rows)] + ([(ref_name, ref_rows)] if ref_rows else [])):
+        thinking[n], counts[n] = thinking_stats(rs, tokenizer)
+    res = {"model": name, "reference": ref_name, "n_prompts": len(rows),
+           "settings": {k: v for k, v in vars(args).items() if k not in ("exports", "judge_kind")},
+           "thinking": thinking, "judge": None, "exports": {},
+           "plot": plot_lengths(counts, os.path.join(args.out, "thinking_lengths.png"))}
+
+    # --- judge
+    if args.judge:
+        if args.judge_kind == "rm":
+            records, extra = judge_rm(args.judge[3:], model_rows, ref_rows, device, dtype)
+        else:
+            records, extra = judge_http(args, model_rows, ref_rows)
+        for rec, m, r in zip(records, model_rows, ref_rows):
+            rec["word_diff"] = judge.word_count(m["answer"]) - judge.word_count(r["answer"])
+        judged = [r for r in records if r["win"] is not None]
+        res["judge"] = {"kind": args.judge_kind, "judge": args.judge, **extra,
+                        **judge.summarize([r["win"] for r in judged], [r["word_diff"] for r in judged],
+                                          args.bootstrap, args.seed)}
+        write_jsonl(os.path.join(args.out, "judgments.jsonl"), records)
+
+    # --- export, report
+    for fmt in args.exports:
+        for n, rs in generated.items():
+            res["exports"][f"{fmt}/{n}"] = export(fmt, n, rs, raw, tokenizer, args)
+    write_json(os.path.join(args.out, "results.json"), res)
+    write_report(os.path.join(args.out, "report.md"), res)
+    j = res["judge"]
+    summary = f"; win rate {show(j['win_rate'], True)}, LC {show(j['lc_win_rate'], True)}" if j else ""
+    print(f"wrote {os.path.join(args.out, 'report.md')}{summary}", file=sys.stderr)
+    return res
+
+
+if __name__ == "__main__":
+    main()

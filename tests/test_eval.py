@@ -1,0 +1,288 @@
+"""eval.py: the judge statistics against direct computations, the verdict parser, and the script end to end
+on tiny checkpoints (generate, reuse on a rerun, reward-model judge, exports, report), with its errors.
+The HTTP judge runs against a real `sample.py --serve` in test_serve.py."""
+
+import importlib
+import json
+import os
+import socket
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from rlmt import chat
+from rlmt import judge as J
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+ev = importlib.import_module("eval")  # eval.py; the name `eval` is left to the builtin
+
+PROMPTS = [{"id": "a", "messages": [{"role": "user", "content": "Why is the sky blue?"}], "dataset": "helpful_base"},
+           {"id": "b", "prompt": "Name three colors.", "uid": "q-17", "session_id": "s-17"},
+           {"id": "c", "messages": [{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "Write a short poem about a river."}]},
+           {"id": "d", "prompt": "Tell me a story about a cat and a dog."},
+           {"id": "e", "prompt": "What is one plus one?"},
+           {"id": "f", "prompt": "Explain how a tree grows, step by step."}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --- statistics ----------------------------------------------------------------------------------------
+
+def direct_lc(wins, diffs, steps=20000):
+    """The length-controlled win rate computed another way: plain gradient ascent on the unpenalized
+    Bernoulli log-likelihood of σ(a + b·Δ/sd) (concave, so it converges to the same maximum), then σ(a)."""
+    y = np.asarray(wins, dtype=np.float64)
+    z = np.asarray(diffs, dtype=np.float64) / np.std(diffs)
+    a = b = 0.0
+    lr = 4.0 / (len(y) * (1 + np.mean(z ** 2)))  # below 2 / (largest curvature), so every step climbs
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-(a + b * z)))
+        a, b = a + lr * np.sum(y - p), b + lr * np.sum((y - p) * z)
+    return 1 / (1 + np.exp(-a))
+
+
+def test_lc_when_length_alone_decides_the_win():
+    """The model is usually longer and wins exactly as often as length predicts: the raw win rate is
+    high, the length-controlled one is 0.5 (soft wins: exactly; hard wins: within sampling error)."""
+    rng = np.random.default_rng(0)
+    d = rng.normal(60, 50, 400)  # model − reference words
+    p = J.sigmoid(1.5 * d / d.std())
+    assert p.mean() > 0.7
+    assert J.lc_win_rate(p, d) == pytest.approx(0.5, abs=1e-4)
+    hard = (rng.random(400) < p).astype(float)
+    assert hard.mean() > 0.7
+    lc = J.lc_win_rate(hard, d)
+    assert abs(lc - 0.5) < 0.1 and lc == pytest.approx(direct_lc(hard, d), abs=1e-3)
+
+
+def test_lc_when_quality_alone_decides_the_win():
+    """Wins that do not depend on length: every (win, Δ) also appears as (win, −Δ), so the fitted slope
+    is 0 and the LC win rate is exactly the raw win rate."""
+    rng = np.random.default_rng(1)
+    y = (rng.random(150) < 0.7).astype(float)
+    d = rng.normal(0, 60, 150)
+    y, d = np.concatenate([y, y]), np.concatenate([d, -d])
+    a, b = J.lc_fit(y, d)
+    assert abs(b) < 1e-8
+    assert J.lc_win_rate(y, d) == pytest.approx(y.mean(), abs=1e-6) == pytest.approx(direct_lc(y, d), abs=1e-4)
+
+
+def test_lc_is_finite_on_degenerate_tables():
+    assert J.lc_win_rate([0.5, 0.5, 0.5], [0, 0, 0]) == pytest.approx(0.5)  # a model against itself
+    assert J.lc_win_rate([1, 1, 1, 1], [3, -2, 5, 0]) > 0.99  # always wins
+    assert 0.4 < J.lc_win_rate([0, 0, 1, 1], [-5, -1, 1, 5]) < 0.6  # separated by length
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    rng = np.random.default_rng(2)
+    y = rng.random(60)
+    ci = J.bootstrap_ci(lambda i: y[i].mean(), len(y), 500, seed=3)
+    assert ci == J.bootstrap_ci(lambda i: y[i].mean(), len(y), 500, seed=3)
+    assert ci[0] < y.mean() < ci[1] and ci[1] - ci[0] < 0.3
+    s = J.summarize([0.5] * 5, [0] * 5, 200)
+    assert s["win_rate"] == s["lc_win_rate"] == 0.5 and s["win_rate_ci95"] == (0.5, 0.5)
+    assert J.summarize([], [])["win_rate"] is None
+
+
+def test_rm_win_probability_is_sigma_of_the_score_difference():
+    class FakeRM:
+        def score(self, prompts, answers):
+            return torch.tensor([float(len(a)) for a in answers])
+
+    p, r_model, r_ref = J.rm_win_probs(FakeRM(), ["q", "q"], ["aaa", "a"], ["a", "a"])
+    assert p.tolist() == pytest.approx([torch.sigmoid(torch.tensor(2.0)).item(), 0.5])
+    assert r_model.tolist() == [3, 1] and r_ref.tolist() == [1, 1]
+
+
+# --- LLM judge: prompt and verdicts --------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, verdict", [
+    ("Answer A covers the question. [[A]]", "A"),
+    ("Both are fine, B is clearer.\n\nFinal verdict: [[b]]", "B"),
+    ("They are equally good. [[tie]]", "tie"),
+    ("[[ C ]]", "tie"),
+    ("I must answer [[A]], [[B]] or [[tie]]. A misses the point. [[B]]", "B"),  # the last verdict counts
+    ("B", "B"),
+    (" tie. ", "tie"),
+    ("Answer A is better.", None),
+    ("[[A>B]]", None),
+    ("\ufffd <M\ufffde\x0e\ufffd4", None),
+    ("", None),
+    (None, None),
+])
+def test_parse_verdict(text, verdict):
+    assert J.parse_verdict(text) == verdict
+
+
+def test_both_orders_cancel_a_position_bias():
+    # a judge that always prefers the first answer shown: a win as A, a loss as B, 0.5 overall
+    assert J.game_score("A", model_is_a=True) + J.game_score("A", model_is_a=False) == 1.0
+    assert J.game_score("B", model_is_a=False) == 1.0 and J.game_score("tie", True) == 0.5
+    assert J.game_score(None, True) is None
+    msgs = J.judge_messages([{"role": "user", "content": "Hi?"}], "first", "second")
+    assert msgs[0]["role"] == "system" and "[[A]]" in msgs[0]["content"]
+    assert msgs[1]["content"].index("first") < msgs[1]["content"].index("second")
+
+
+# --- the script end to end -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run1(llama_dir, llama_rm_dir, tmp_path_factory):
+    """The model against itself as a generated baseline (same seeds: the same answers), judged by the tiny
+    reward model, all three exports."""
+    tmp = tmp_path_factory.mktemp("eval")
+    prompts = write_jsonl(tmp / "prompts.jsonl", PROMPTS)
+    out = str(tmp / "run1")
+    argv = ["--model", llama_dir, "--baseline", llama_dir, "--prompts", prompts, "--out", out,
+            "--max-new-tokens", "12", "--judge", f"rm:{llama_rm_dir}", "--bootstrap", "200",
+            "--export", "alpaca_eval,arena_hard,wildbench"]
+    return ev.main(argv), out, argv, tmp
+
+
+def test_generates_judges_and_reports(run1):
+    res, out, _, _ = run1
+    rows = read_jsonl(os.path.join(out, "model.jsonl"))
+    assert [r["id"] for r in rows] == list("abcdef")
+    for r in rows:
+        assert r["num_tokens"] <= 12 and r["finish_reason"] in ("stop", "length")
+        assert (r["thought"], r["answer"], r["format_ok"]) == chat.split_answer(r["text"], "think", last=True)
+    assert read_jsonl(os.path.join(out, "baseline.jsonl"))[0]["answer"] == rows[0]["answer"]
+    j = res["judge"]
+    # identical answers; their scores differ only by batch-padding float noise
+    assert j["n"] == 6 and j["win_rate"] == pytest.approx(0.5, abs=1e-6)
+    assert j["win_rate_ci95"][0] - 1e-6 <= 0.5 <= j["win_rate_ci95"][1] + 1e-6
+    assert j["lc_win_rate"] == pytest.approx(0.5)
+    assert res["reference"] == "llama-baseline" and set(res["thinking"]) == {"llama", "llama-baseline"}
+    t = res["thinking"]["llama"]
+    assert 0 <= t["format_rate"] <= 1 and t["answer_tokens"]["mean"] > 0 and t["thought_words"] is not None
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["judge"]["win_rate"] == j["win_rate"]
+    report = open(os.path.join(out, "report.md")).read()
+    assert "| win rate |" in report and "LC win rate" in report and "format rate" in report
+    judged = read_jsonl(os.path.join(out, "judgments.jsonl"))
+    assert [r["win"] for r in judged] == pytest.approx([0.5] * 6, abs=1e-6)
+    assert all(r["r_model"] == pytest.approx(r["r_ref"], abs=1e-5) and r["word_diff"] == 0 for r in judged)
+
+
+def test_exports_in_the_harness_formats(run1):
+    res, out, _, _ = run1
+    rows = {r["id"]: r for r in read_jsonl(os.path.join(out, "model.jsonl"))}
+    assert set(res["exports"]) == {f"{f}/{n}" for f in ev.EXPORTS for n in ("llama", "llama-baseline")}
+    alpaca = json.load(open(res["exports"]["alpaca_eval/llama"]))
+    assert alpaca[0] == {"instruction": "Why is the sky blue?", "output": rows["a"]["answer"], "generator": "llama",
+                         "dataset": "helpful_base"}
+    assert alpaca[2]["instruction"] == "Write a short poem about a river." and "dataset" not in alpaca[1]
+    arena = read_jsonl(res["exports"]["arena_hard/llama"])
+    assert arena[0]["uid"] == "a" and arena[1]["uid"] == "q-17" and arena[0]["model"] == "llama"
+    assert arena[0]["messages"] == [{"role": "user", "content": "Why is the sky blue?"},
+                                    {"role": "assistant", "content": {"answer": rows["a"]["answer"]}}]
+    assert isinstance(arena[0]["metadata"]["token_len"], int) and "bold_count" in arena[0]["metadata"]
+    assert res["exports"]["arena_hard/llama"].endswith(os.path.join("model_answer", "llama.jsonl"))
+    wb = json.load(open(res["exports"]["wildbench/llama"]))
+    assert wb[1]["session_id"] == "s-17" and wb[1]["output"] == [rows["b"]["answer"]]
+    assert wb[2]["chat_history"] == ["Write a short poem about a river."] and wb[0]["generator"] == "llama"
+
+
+def test_exports_strip_the_thought(tmp_path):
+    text = "<think>\nplan A\n</think>\nmaybe\n</think>\n\nThe answer."  # evaluation splits on the last </think>
+    thought, answer, ok = chat.split_answer(text, "think", last=True)
+    rows = [{"id": "x", "messages": [{"role": "user", "content": "q"}], "thought": thought, "answer": answer}]
+    args = ev.parse_args(["--model", "m", "--prompts", "p", "--out", str(tmp_path)])
+
+    class Tok:
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [t.split() for t in texts]}
+
+    for fmt in ev.EXPORTS:
+        path = ev.export(fmt, "m", rows, {"x": {}}, Tok(), args)
+        body = open(path).read()
+        assert "The answer." in body and "plan A" not in body and "</think>" not in body
+
+
+def test_rerun_reuses_answers_and_generates_only_new_prompts(run1, monkeypatch):
+    res, out, argv, tmp = run1
+    calls = []
+    real = ev.sampler.generate
+
+    def spy(model, prompts, *a, **kw):
+        calls.append(len(prompts))
+        return real(model, prompts, *a, **kw)
+
+    monkeypatch.setattr(ev.sampler, "generate", spy)
+    again = ev.main(argv[:argv.index("--judge")])  # no judge, no export: generation and statistics only
+    assert calls == [] and again["thinking"]["llama"] == res["thinking"]["llama"]
+    more = write_jsonl(tmp / "more.jsonl", PROMPTS + [{"id": "g", "prompt": "Say hello."}])
+    argv2 = list(argv)
+    argv2[argv2.index("--prompts") + 1] = more
+    ev.main(argv2[:argv2.index("--judge")])
+    assert calls == [1, 1]  # only "g", for the model and for the baseline
+    assert [r["id"] for r in read_jsonl(os.path.join(out, "model.jsonl"))] == list("abcdefg")
+
+
+def test_model_against_its_own_other_samples(run1, llama_dir, llama_rm_dir):
+    """Other samples of the same model (another seed) as a --reference file: win rate 0.5 within the
+    bootstrap interval."""
+    _, out, _, tmp = run1
+    res = ev.main(["--model", llama_dir, "--prompts", str(tmp / "prompts.jsonl"), "--out", str(tmp / "run2"),
+                   "--max-new-tokens", "12", "--seed", "1", "--reference", os.path.join(out, "model.jsonl"),
+                   "--baseline-name", "llama-seed0", "--judge", f"rm:{llama_rm_dir}", "--bootstrap", "200"])
+    j = res["judge"]
+    assert res["reference"] == "llama-seed0" and j["n"] == 6 and j["win_rate"] != pytest.approx(0.5, abs=1e-4)
+    assert j["win_rate_ci95"][0] <= 0.5 <= j["win_rate_ci95"][1]
+
+
+def test_reference_file_matched_by_instruction(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2])
+    ref = tmp_path / "ref.json"  # AlpacaEval style: no ids, output may hold a thought
+    ref.write_text(json.dumps([{"instruction": "Name three colors.", "output": "<think>hm</think> red",
+                                "generator": "g"},
+                               {"instruction": "Why is the sky blue?", "output": ["Rayleigh."]}]))
+    rows = ev.load_reference(str(ref), ev.data.load_prompts(prompts))
+    assert [(r["id"], r["answer"], r["thought"]) for r in rows] == [("a", "Rayleigh.", ""), ("b", "red", "hm")]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompts", "MISSING"], "MISSING: no such file"),
+    (["--judge", "gpt4"], "--judge must be rm:PATH_OR_ALIAS or http(s)://HOST:PORT/v1"),
+    (["--judge", "rm:RM"], "--judge compares the model with a baseline"),
+    (["--baseline", "MODEL", "--judge", "http://127.0.0.1:1/v1"], "needs --judge-model"),
+    (["--baseline", "MODEL", "--judge", "http://127.0.0.1:PORT/v1", "--judge-model", "x"], "unreachable"),
+    (["--baseline", "MODEL", "--reference", "REF"], "not both"),
+    (["--export", "alpaca_eval,mtbench"], "unknown --export ['mtbench']"),
+    (["--baseline", "/no/such/model"], "--baseline: model '/no/such/model': no such folder"),
+    (["--reference", "REF"], "no answer for 1 of 2 prompts (e.g. id 'b')"),
+    (["--prompts", "DUP"], "ids must be unique; 'a' appears 2 times"),
+])
+def test_clear_one_line_errors(extra, message, llama_dir, llama_rm_dir, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2])
+    write_jsonl(tmp_path / "ref.jsonl", [{"id": "a", "answer": "x"}])
+    write_jsonl(tmp_path / "dup.jsonl", [PROMPTS[0], PROMPTS[0]])
+    subs = {"MISSING": str(tmp_path / "missing.jsonl"), "MODEL": llama_dir, "RM": llama_rm_dir,
+            "REF": str(tmp_path / "ref.jsonl"), "DUP": str(tmp_path / "dup.jsonl"), "PORT": str(free_port())}
+    argv = ["--model", llama_dir, "--prompts", prompts, "--out", str(tmp_path / "o")] + extra
+    argv = [next((a.replace(k, v) for k, v in subs.items() if k in a), a) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("eval.py: error: ")
+    assert message.replace("MISSING", subs["MISSING"]) in err
+    assert not os.path.exists(tmp_path / "o" / "model.jsonl")  # failed before generating anything
