@@ -112,3 +112,19 @@ def all_reduce_sum(x):
         x = x.clone()
         tdist.all_reduce(x)
     return x
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip a (possibly FSDP2-sharded) model's gradient norm -> the total norm before clipping, a plain
+    0-d tensor: under FSDP2 clip_grad_norm_ reduces over all ranks' shards and returns a DTensor."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def all_reduce_max(x):
+    """Maximum of a tensor over ranks (returned, not in place); the tensor itself in a single process.
+    Used to give every rank the same number of forward/backward passes (FSDP runs collectives in each)."""
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        x = x.clone()
+        tdist.all_reduce(x, op=tdist.ReduceOp.MAX)
+    return x

@@ -101,8 +101,18 @@ def plot_rewards(out_dir, keys=("reward_mean", "val_reward_mean", "format_rate")
     return path
 
 
+def report(out_dir, **outputs):
+    """End of a run, rank 0: draw the reward curve and print where every output went.
+    outputs: name=path of what the script wrote besides metrics and samples (policy=…, state=…)."""
+    plot = plot_rewards(out_dir)
+    paths = {"metrics": os.path.join(out_dir, "metrics.jsonl"), "samples": os.path.join(out_dir, "samples.jsonl"),
+             **outputs, "plot": plot}
+    width = max(len(k) for k in paths) + 2
+    print("\n".join(f"{k + ':':<{width}}{v}" for k, v in paths.items() if v))
+
+
 def progress_postfix(m):
     """The few numbers worth watching on the progress bar."""
-    keys = (("reward_mean", "r"), ("format_rate", "fmt"), ("kl", "kl"), ("response_len", "len"),
-            ("tokens_per_s", "tok/s"))
+    keys = (("reward_mean", "r"), ("format_rate", "fmt"), ("kl", "kl"), ("explained_variance", "ev"),
+            ("response_len", "len"), ("tokens_per_s", "tok/s"))
     return {short: f"{m[k]:.3g}" for k, short in keys if k in m}

@@ -36,17 +36,45 @@ def masked_mean(x, mask):
     return _where(mask, x.float()).sum() / mask.bool().sum().clamp(min=1)
 
 
-def masked_whiten(x, mask, eps=1e-8):
+def masked_moments(x, mask, all_reduce=None):
+    """Mean and unbiased variance of x over masked positions: x, mask [B, T] -> (μ, σ²) 0-d fp32.
+
+    all_reduce: a function that sums a tensor over ranks (rlmt.dist.all_reduce_sum) for statistics of
+    the global batch: it is applied to sums and counts, never to per-rank means, so the result does not
+    depend on how rows are split across ranks (averaging per-rank means would weight ranks equally).
+    An empty mask gives (0, 0)."""
+    m = mask.bool()
+    red = all_reduce or (lambda t: t)
+    sums = red(torch.stack([_where(m, x.float()).sum(), m.sum().float()]))
+    n = sums[1].clamp(min=1)
+    mean = sums[0] / n
+    var = red(_where(m, (x.float() - mean) ** 2).sum()) / (n - 1).clamp(min=1)
+    return mean, var
+
+
+def masked_whiten(x, mask, eps=1e-8, all_reduce=None):
     """(x − μ) / sqrt(σ² + eps) with μ, σ² over masked positions only; masked positions come back 0.
 
     x, mask [B, T] -> [B, T] fp32. σ² is the unbiased variance (Bessel-corrected, as in TRL/OpenRLHF).
     Used to whiten PPO advantages over the batch; statistics from padding would shift every value.
+    all_reduce: see `masked_moments` (pass rlmt.dist.all_reduce_sum to whiten over all ranks' rows).
     """
     m = mask.bool()
-    n = m.sum().clamp(min=1)
-    mean = masked_mean(x, m)
-    var = _where(m, (x.float() - mean) ** 2).sum() / (n - 1).clamp(min=1)
+    mean, var = masked_moments(x, m, all_reduce)
     return _where(m, (x.float() - mean) * torch.rsqrt(var + eps))
+
+
+def explained_variance(values, returns, mask, all_reduce=None, eps=1e-8):
+    """1 − Var[R − V] / Var[R] over masked positions: how much of the return the critic predicts.
+
+    values, returns, mask [B, T] -> 0-d fp32 (detached). 1 is a perfect critic, 0 is no better than
+    predicting the mean return, negative is worse; NaN when the returns do not vary (Var[R] ≤ eps), where
+    it is undefined. all_reduce: see `masked_moments`."""
+    with torch.no_grad():
+        _, var_err = masked_moments(returns.float() - values.float(), mask, all_reduce)
+        _, var_ret = masked_moments(returns, mask, all_reduce)
+        ev = 1.0 - var_err / var_ret.clamp(min=eps)
+        return torch.where(var_ret > eps, ev, torch.full_like(ev, float("nan")))
 
 
 # ----------------------------------------------------------------------------- GRPO advantages

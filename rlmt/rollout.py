@@ -3,13 +3,19 @@
     rows ──encode (template, left-truncate)──> prompt ids ──sampler.generate(n=G)──> response tokens
          ──decode, chat.split_answer──> (thought, answer, format ok) ──reward.score_all(user turn, answer)──>
          one scalar per sample, in prompt-major order: the G samples of a prompt are consecutive.
+
+The online trainers add three things around `rollout`: which prompts a rank takes at a step
+(`prompts_for`), sampling from an FSDP policy with seeds that do not depend on the number of ranks
+(`on_policy`), and greedy validation (`validate`); `metrics` gives the rollout's numbers for the log.
 """
 
+import math
 import time
 
+import numpy as np
 import torch
 
-from rlmt import chat, data, reward, sampler
+from rlmt import chat, data, dist, reward, sampler
 
 
 def rollout(policy, tokenizer, rows, *, template, group_size, rm=None, reward_fn=None, max_prompt_len=1024,
@@ -63,3 +69,51 @@ def sample_rows(ro, k=4):
     return [{"id": ro["ids"][i], "prompt": ro["prompts"][i], "text": ro["texts"][i], "thought": ro["thoughts"][i],
              "answer": ro["answers"][i], "reward": float(ro["rewards"][i]), "format_ok": bool(ro["format_ok"][i]),
              "finish": ro["finish"][i]} for i in list(idx)[:k]]
+
+
+def prompts_for(rows, step, per_step, seed, rank=0, world=1):
+    """This rank's prompts at `step` -> (rows, index of the first one among the step's prompts).
+
+    Epoch-wise shuffles of the data, a slice of `per_step` prompts per step, one share of it per rank.
+    The position is a function of the step, so resuming needs nothing but the step."""
+    epoch, i = divmod(step, len(rows) // per_step)
+    order = np.random.RandomState(seed + epoch).permutation(len(rows))
+    chunk = order[i * per_step:(i + 1) * per_step]
+    share = per_step // world
+    return [rows[j] for j in chunk[rank * share:(rank + 1) * share]], rank * share
+
+
+def on_policy(policy, tokenizer, rows, *, step, first, seed, **kw):
+    """`rollout` from a policy that may be sharded with FSDP2: its weights are gathered once for the whole
+    rollout (dist.unsharded), and it is back in train mode afterwards.
+
+    `first` is the index of rows[0] among the step's prompts across all ranks; each prompt's random stream
+    is keyed by (seed, step, that index), so 1 rank and N ranks draw the same samples. kw: rollout's."""
+    seeds = [(seed << 40) + (step << 20) + first + i for i in range(len(rows))]
+    with dist.unsharded(policy), torch.no_grad():
+        policy.eval()
+        ro = rollout(policy, tokenizer, rows, seed=seeds, **kw)
+        policy.train()
+    return ro
+
+
+def validate(policy, tokenizer, eval_rows, *, step, seed, rank=0, world=1, **kw):
+    """Greedy answers to the held-out prompts, split over ranks -> val_reward_mean, val_format_rate,
+    val_response_len (this rank's means; log.reduce_metrics averages them). kw: rollout's."""
+    share = math.ceil(len(eval_rows) / world)
+    mine = eval_rows[rank * share:(rank + 1) * share] or eval_rows[:1]  # every rank joins the reduction
+    ro = on_policy(policy, tokenizer, mine, step=step, first=rank * share, seed=seed, group_size=1,
+                   temperature=0.0, **kw)
+    return {"val_reward_mean": ro["rewards"].mean(), "val_format_rate": ro["format_ok"].float().mean(),
+            "val_response_len": ro["response_len"].mean()}
+
+
+def metrics(ro, world=1):
+    """The rollout's numbers for metrics.jsonl, as detached tensors (log.reduce_metrics averages them over
+    ranks; tokens_per_s is multiplied by `world` here so that its average is the total throughput)."""
+    return dict(reward_mean=ro["rewards"].mean(), reward_std=ro["rewards"].std(),
+                format_rate=ro["format_ok"].float().mean(), response_len=ro["response_len"].mean(),
+                thought_len=ro["thought_len"].mean(),
+                length_frac=torch.tensor(sum(f == "length" for f in ro["finish"]) / len(ro["finish"])),
+                tokens_per_s=ro["response_len"].sum() / max(ro["t_sample"], 1e-9) * world,
+                t_sample=torch.tensor(ro["t_sample"]), t_reward=torch.tensor(ro["t_reward"]))
