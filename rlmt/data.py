@@ -211,3 +211,191 @@ def join(prompts, responses, pad_id):
     return {"input_ids": torch.cat([p_ids, r_ids], dim=1), "attention_mask": attention_mask,
             "position_ids": position_ids(attention_mask),
             "response_mask": torch.cat([torch.zeros_like(p_mask), r_mask], dim=1), "prompt_len": p_ids.shape[1]}
+
+
+# ----------------------------------------------------------------------------- SFT: the assistant-token mask
+
+def encode_sft(tokenizer, messages, max_len=None):
+    """Token ids and loss mask of one conversation, the mask read off the rendered chat template.
+
+    The template renders the conversation prefix by prefix: assistant turn i is the text between
+    render(messages[:i], add_generation_prompt=True) and render(messages[:i + 1]). Each piece of text is
+    tokenized on its own (add_special_tokens=False: the template holds the BOS), as at sampling time,
+    when the prompt is tokenized and the model writes the rest. An assistant span is marked 1 up to and
+    including its last end-of-turn token (chat.stop_ids), so the model learns to stop; the template's
+    text after it (Qwen's "\\n") and every system, user and header token are 0. No marker string is ever
+    searched for in decoded text.
+
+    messages: [{"role", "content"}] with at least one assistant turn, not the first message.
+    Returns (ids list[int], mask list[int]) right-truncated to max_len tokens (the start of a
+    conversation is the context of everything after it); the mask may come back all 0 when the cut
+    removes every assistant token.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("SFT renders conversations with the model's chat template, and this tokenizer has none "
+                         "(a base model?); give a tokenizer that ships a chat template")
+    if messages and messages[0]["role"] == "assistant":
+        raise ValueError("the conversation opens with an assistant turn; a chat template cannot render the "
+                         "prompt before it (put a user turn first)")
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    def tokens(text):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    full = render(messages, False)
+    stops = set(chat.stop_ids(tokenizer))
+    ids, mask, done = [], [], 0  # done: characters of `full` already tokenized
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head, turn = render(messages[:i], True), render(messages[:i + 1], False)
+        if not (turn.startswith(head) and full.startswith(turn)):
+            raise ValueError(f"the chat template does not render assistant turn {i} as an extension of the turns "
+                             "before it (does it rewrite earlier turns?), so its tokens cannot be located")
+        before, span = tokens(full[done:len(head)]), tokens(full[len(head):len(turn)])
+        last = max((j for j, t in enumerate(span) if t in stops), default=len(span) - 1)
+        ids += before + span
+        mask += [0] * len(before) + [1] * (last + 1) + [0] * (len(span) - last - 1)
+        done = len(turn)
+    if done == 0:
+        raise ValueError("the conversation has no assistant turn to train on")
+    tail = tokens(full[done:])
+    ids, mask = ids + tail, mask + [0] * len(tail)
+    if max_len is not None:
+        ids, mask = ids[:max_len], mask[:max_len]
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- SFT: batches, padded or packed
+
+def pack(lengths, max_len):
+    """Greedy packing in order: example indices grouped into rows of at most max_len tokens.
+
+    lengths: token counts (each <= max_len) -> [[indices of row 0], [row 1], ...]; a row is closed when
+    the next example does not fit. Order is kept, so a step's examples are the same packed or not."""
+    rows, used = [], max_len + 1
+    for i, n in enumerate(lengths):
+        if n > max_len:
+            raise ValueError(f"example {i} has {n} tokens, more than the row length {max_len}")
+        if used + n > max_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def sft_batch(examples, pad_id, pack_len=None):
+    """SFT examples [(ids, mask)] -> LongTensors [B, T] input_ids, loss_mask, position_ids, and either
+    attention_mask (one example a row, right-padded) or segment_ids (pack_len: examples packed into rows
+    of at most pack_len tokens; segment_ids numbers the examples of a row 0, 1, … and is −1 on padding;
+    position_ids restart at 0 with each example). loss_mask[b, t] = 1 where input_ids[b, t] is an
+    assistant token to learn (the alignment of rlmt.logprobs.sequence_logprobs)."""
+    if pack_len is None:
+        ids, attention_mask = right_pad([e[0] for e in examples], pad_id)
+        loss_mask, _ = right_pad([e[1] for e in examples], 0)
+        return {"input_ids": ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+                "position_ids": position_ids(attention_mask)}
+    rows = pack([len(e[0]) for e in examples], pack_len)
+    seqs, masks, pos, seg = [], [], [], []
+    for row in rows:
+        seqs.append([t for i in row for t in examples[i][0]])
+        masks.append([t for i in row for t in examples[i][1]])
+        pos.append([p for i in row for p in range(len(examples[i][0]))])
+        seg.append([k for k, i in enumerate(row) for _ in examples[i][0]])
+    ids, real = right_pad(seqs, pad_id)
+    segment_ids = torch.where(real.bool(), right_pad(seg, 0)[0], -1)
+    return {"input_ids": ids, "loss_mask": right_pad(masks, 0)[0], "position_ids": right_pad(pos, 0)[0],
+            "segment_ids": segment_ids}
+
+
+def block_causal_mask(segment_ids):
+    """segment_ids [B, T] (−1 = padding) -> bool [B, 1, T, T], True = may attend: causal, and only within
+    the query's own example, so packed examples never see each other. A padding position attends to
+    itself alone (an empty softmax row would be NaN)."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] >= 0)
+    m = (same & causal) | torch.eye(T, dtype=torch.bool, device=segment_ids.device)
+    return m[:, None]
+
+
+# ----------------------------------------------------------------------------- DPO pairs
+
+def _token_ids(where, rec, field):
+    value = rec[field]
+    if not isinstance(value, list) or not value or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                           and t >= 0 for t in value):
+        raise DataError(f'{where}: "{field}" must be a non-empty list of token ids (non-negative integers)')
+    return value
+
+
+def load_pairs(path):
+    """DPO pairs: preference rows (see load_preferences) that may also carry the sampled token ids.
+
+    Pairs built by rlmt.pairs hold "prompt_ids", "chosen_ids" and "rejected_ids" (all three or none):
+    training on them uses exactly the sampled tokens, never decoded and re-encoded text.
+    Returns [{"id", "prompt": messages, "chosen": str, "rejected": str, "ids": (prompt, chosen, rejected)
+    lists of ids, or None}].
+    """
+    rows = []
+    for i, (where, rec) in enumerate(read_records(path)):
+        if "prompt" not in rec and "messages" in rec:
+            raise DataError(f'{where}: a prompt row ("messages", no "chosen"/"rejected"), not a preference pair; '
+                            "build pairs from a prompts file first (train_dpo.py --build-pairs)")
+        _require(where, rec, "prompt", "chosen", "rejected")
+        fields = ("prompt_ids", "chosen_ids", "rejected_ids")
+        have = [f for f in fields if f in rec]
+        if have and len(have) != 3:
+            raise DataError(f'{where}: has {", ".join(have)} but not {", ".join(f for f in fields if f not in have)}; '
+                            "give all three token-id fields or none")
+        rows.append({"id": _id(rec, str(path), i), "prompt": _prompt(where, rec, "prompt"),
+                     "chosen": _completion(where, rec, "chosen"), "rejected": _completion(where, rec, "rejected"),
+                     "ids": tuple(_token_ids(where, rec, f) for f in fields) if have else None})
+    return rows
+
+
+def end_of_turn_id(tokenizer):
+    """The token that ends an assistant turn: <|eot_id|> (Llama 3) or <|im_end|> (Qwen2) when the vocabulary
+    has it, even for a base model whose EOS is end-of-text (the Zero convention, DESIGN.md); else EOS."""
+    vocab = tokenizer.get_vocab()
+    for t in ("<|eot_id|>", "<|im_end|>"):
+        if t in vocab:
+            return vocab[t]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS and no end-of-turn token")
+    return tokenizer.eos_token_id
+
+
+def encode_pair(tokenizer, row, template):
+    """(prompt, chosen, rejected) token ids of a load_pairs row: its own ids when it has them, else the
+    prompt rendered with `template` (chat.encode_prompt) and each completion's text tokenized with the
+    end-of-turn token appended, as a sampled completion ends."""
+    if row["ids"] is not None:
+        return tuple(list(x) for x in row["ids"])
+    prompt = chat.encode_prompt(tokenizer, row["prompt"], template)
+    eot = end_of_turn_id(tokenizer)
+    return (prompt, *[list(tokenizer(row[k], add_special_tokens=False)["input_ids"]) + [eot]
+                      for k in ("chosen", "rejected")])
+
+
+def truncate_pair(prompt, chosen, rejected, max_len, bos_id=None):
+    """Fit a pair into max_len tokens per sequence (prompt + completion), the prompt cut first.
+
+    The prompt is left-truncated (a leading BOS kept) to no fewer than max_len // 2 tokens (or its own
+    length); each completion is then right-truncated to the room left, so no completion is cut to empty
+    (PITFALLS: an empty completion gives NaN). Both sequences share the cut prompt.
+    Returns (prompt, chosen, rejected, truncated: bool)."""
+    if max_len < 2:
+        raise ValueError(f"max_len must be at least 2, got {max_len}")
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest <= max_len:
+        return prompt, chosen, rejected, False
+    keep = min(len(prompt), max(max_len - longest, max_len // 2))
+    if keep < len(prompt):
+        head = [bos_id] if bos_id is not None and prompt[:1] == [bos_id] else []
+        prompt = head + prompt[len(prompt) - (keep - len(head)):]
+    room = max_len - len(prompt)
+    return prompt, chosen[:room], rejected[:room], True

@@ -4,11 +4,16 @@ RLMT sequences reach 5,120 tokens and Llama-3's vocabulary has 128,256 entries: 
 one such sequence take 2.6 GB, and autograd would keep them for backward. Here the tokens are cut into
 chunks; each chunk's logits live only inside a checkpointed function, so the forward keeps just the
 chunk's log-probs, and the backward recomputes one chunk's logits at a time.
+
+`sequence_values` reads a PPO critic with the same alignment: position t belongs to token t.
+`packed_logprobs` does the same for rows that pack several SFT examples end to end.
 """
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from rlmt.data import block_causal_mask
 
 
 def _chunk(h, weight, targets, temperature, with_entropy):
@@ -60,3 +65,29 @@ def sequence_logprobs(model, input_ids, attention_mask=None, position_ids=None, 
     if ent is not None:
         ent = torch.cat([pad, ent[:, :-1]], dim=1)
     return logp, ent
+
+
+def sequence_values(critic, input_ids, attention_mask=None, position_ids=None):
+    """A critic's value of the state before each token, aligned like `sequence_logprobs`.
+
+    critic: a "score"-head model (one scalar per position). input_ids, attention_mask, position_ids
+    [B, T] -> values [B, T] fp32, where values[:, t] = V(input_ids[:t]), read from the hidden state at
+    t − 1: the state in which the policy chose token t, so values[:, t] pairs with logp[:, t] (GAE's
+    V(s_t) for action a_t). Position 0 has no state and is 0; multiply by the response mask.
+    """
+    v = critic(input_ids, attention_mask, position_ids).float()
+    return torch.cat([v.new_zeros(v.shape[0], 1), v[:, :-1]], dim=1)
+
+
+def packed_logprobs(model, input_ids, position_ids, segment_ids, temperature=1.0):
+    """sequence_logprobs for packed rows (several examples a row, rlmt.data.sft_batch with pack_len).
+
+    input_ids, position_ids (restarting at 0 with each example), segment_ids (−1 = padding) [B, T] ->
+    logp [B, T] with the same alignment as sequence_logprobs. Attention is causal within each example
+    (rlmt.data.block_causal_mask), so each example's log-probs are what it gets alone. The first token of
+    an example holds the log-prob of it following the previous example: mask it out (the SFT mask does,
+    it is a template token)."""
+    targets = torch.roll(input_ids, -1, dims=1)
+    logp, _ = model(input_ids, None, position_ids, attn_mask=block_causal_mask(segment_ids), targets=targets,
+                    temperature=temperature)
+    return torch.cat([logp.new_zeros(logp.shape[0], 1), logp[:, :-1]], dim=1)

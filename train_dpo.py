@@ -1,0 +1,293 @@
+"""Offline preference learning: DPO on pairs the starting model sampled itself.
+
+    # 1. pairs: 8 samples per prompt at T 0.7, the answers scored, best vs worst (resumable)
+    torchrun --nproc_per_node 8 train_dpo.py --build-pairs --model llama-3.1-8b-instruct --template think \\
+        --strict --reward-model skywork-reward-llama-3.1-8b-v0.2 --data prompts.jsonl --out pairs.jsonl
+    # 2. DPO on them (or give prompts and a reward as --data to do both in one run)
+    torchrun --nproc_per_node 8 train_dpo.py --model llama-3.1-8b-instruct --data pairs.jsonl --out runs/dpo
+    python train_dpo.py --demo          # a tiny model on the CPU, no network, ~1 minute
+
+Pairs (rlmt.pairs, DESIGN.md): among the parseable samples of a prompt, chosen = the highest reward-model
+score of the answer (the thought is never scored), rejected = the lowest; prompts with fewer than 4
+parseable samples, tied scores, or a pair longer than 8,192 tokens are dropped. Each pair keeps the exact
+sampled token ids, which training uses (a preference file with text only is tokenized instead).
+
+DPO (Rafailov et al. 2023): with h = (log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r)),
+loss −log σ(β h), β 0.1 (`--loss ipo` uses length-averaged log-probs, `hinge` is SLiC's). The reference
+is the starting model (or --ref-model); its log-probs are computed once, before training, by the same
+function that computes the policy's (rlmt.pairs.pair_logps), so at step 1 h = 0 and the loss is ln 2.
+One forward over [chosen; rejected] per micro-batch; the loss is summed over pairs and divided once by
+the step's pair count. AdamW (0.9, 0.95), wd 1e-4, lr 3e-7, 5% warmup then cosine, 2 epochs, batch 128,
+sequences cut to 4,096 tokens (prompt from the left first; a completion is never cut to empty).
+Metrics: loss, reward_margin (mean β h), reward_accuracy (fraction with h > 0; noise at step 1, where
+h = 0), chosen_logp / rejected_logp (the policy's mean summed log-probs; per token under ipo). Chosen
+log-probs falling while the margin grows is common in DPO, not a bug.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rlmt import chat, checkpoint, cli, data, dist, log, losses, model as M, optim, pairs, reward
+
+# --- CLI ------------------------------------------------------------------------------------------------
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--model", help="starting policy: folder, hub id or alias (e.g. llama-3.1-8b-instruct)")
+p.add_argument("--data", help="pairs JSONL ({'prompt', 'chosen', 'rejected'} rows), or prompts to build pairs from")
+p.add_argument("--out", default="runs/dpo", help="output folder (with --build-pairs: the pairs file, or a folder)")
+p.add_argument("--build-pairs", action="store_true", help="only build pairs from the --data prompts, then stop")
+p.add_argument("--reward-model", help="reward model for pair building: folder, hub id or alias")
+p.add_argument("--reward-fn", help="rule reward module:function or file.py:function, alone or added to the RM")
+p.add_argument("--template", default="think", choices=chat.TEMPLATES, help="prompt template (sampling, text pairs)")
+p.add_argument("--strict", action="store_true", help="score [NULL] when the thinking format is broken")
+p.add_argument("--group-size", type=int, default=8, help="samples per prompt when building pairs")
+p.add_argument("--min-parseable", type=int, default=4, help="drop prompts with fewer parseable samples")
+p.add_argument("--max-pair-len", type=int, default=8192, help="drop pairs whose longer sequence exceeds this")
+p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for pair building")
+p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for pair building")
+p.add_argument("--max-prompt-len", type=int, default=1024, help="prompt tokens kept when sampling (left-truncated)")
+p.add_argument("--max-new-tokens", type=int, default=4096, help="response token budget when sampling")
+p.add_argument("--sample-batch-size", type=int, default=64, help="sampler slots (rows decoded together)")
+p.add_argument("--chunk-prompts", type=int, default=64, help="prompts sampled between appends to the pairs file")
+p.add_argument("--ref-model", help="DPO reference (default: --model, the starting policy)")
+p.add_argument("--loss", default="sigmoid", choices=losses.DPO_KINDS, help="DPO loss kind")
+p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the pairs)")
+p.add_argument("--epochs", type=float, default=2.0, help="passes over the pairs when --steps is unset")
+p.add_argument("--batch-size", type=int, default=128, help="pairs per optimizer step, all ranks together")
+p.add_argument("--micro-batch-size", type=int, default=2, help="pairs per forward/backward on one rank")
+p.add_argument("--lr", type=float, default=3e-7, help="peak AdamW learning rate")
+p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps with linear warmup (then cosine)")
+p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
+p.add_argument("--max-len", type=int, default=4096, help="tokens per sequence (prompt + completion) in training")
+p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+               help="parameter dtype (auto: bf16 on GPU, fp32 on CPU)")
+p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+p.add_argument("--save-every", type=int, default=50, help="export + training state every N steps (0: end only)")
+p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
+p.add_argument("--stop-after", type=int, help="end this run after step N, saving (the lr schedule still spans "
+               "the whole run; --resume continues it), e.g. to fit a job time limit")
+p.add_argument("--resume", help="training state folder to resume from (OUT/state)")
+p.add_argument("--demo", action="store_true", help="tiny offline CPU demo (builds its own model and pairs)")
+args = p.parse_args()
+
+if args.demo:
+    from rlmt import demo
+    demo.apply_dpo_defaults(args, p)
+for flag in ("model", "data"):
+    if not getattr(args, flag):
+        p.error(f"--{flag} is required (or use --demo)")
+
+# What --data holds decides the work: prompts are sampled into pairs first, pairs are trained on.
+world = int(os.environ.get("WORLD_SIZE", 1))
+try:
+    records = data.read_records(args.data)
+    is_pairs = any(k in records[0][1] for k in ("chosen", "rejected"))  # a broken pair row is still a pair row
+    if args.build_pairs and is_pairs:
+        raise data.DataError(f"{args.data}: already holds pairs; --build-pairs needs prompts")
+    build = not is_pairs
+    if build:
+        if not args.reward_model and not args.reward_fn:
+            raise data.DataError(f"{args.data}: prompts, not pairs (no \"chosen\"/\"rejected\"); give --reward-model "
+                                 "and/or --reward-fn to build pairs from them, or a pairs file")
+        prompt_rows = data.load_prompts(args.data)
+        reward_fn = reward.load_reward_fn(args.reward_fn) if args.reward_fn else None
+    else:
+        pair_rows = data.load_pairs(args.data)
+except (ValueError, FileNotFoundError, ImportError, AttributeError) as e:
+    sys.exit(f"error: {e}")
+pairs_path = args.out if args.build_pairs and args.out.endswith(".jsonl") else os.path.join(args.out, "pairs.jsonl")
+if build and args.temperature <= 0:
+    p.error("--temperature must be > 0 to sample pairs")
+if args.batch_size % world:
+    p.error(f"--batch-size {args.batch_size} must be divisible by the number of ranks {world}")
+if args.batch_size // world % args.micro_batch_size:
+    p.error(f"each rank trains on {args.batch_size}/{world} = {args.batch_size // world} pairs a step, not "
+            f"divisible by --micro-batch-size {args.micro_batch_size}; use a micro-batch size that divides it")
+if args.max_len < 2:
+    p.error("--max-len must be at least 2")
+if args.resume and not os.path.exists(os.path.join(args.resume, "trainer_state.json")):
+    sys.exit(f"error: --resume {args.resume}: no trainer_state.json; not a training state folder "
+             f"(resume from <out>/state)")
+
+# --- init -----------------------------------------------------------------------------------------------
+
+rank, world, device = dist.init()
+torch.manual_seed(args.seed)
+dtype = cli.torch_dtype(args.dtype, device)
+os.makedirs(os.path.dirname(os.path.abspath(pairs_path)) if args.build_pairs else args.out, exist_ok=True)
+
+try:
+    tokenizer = chat.load_tokenizer(args.model)
+    if build or any(r["ids"] is None for r in pair_rows):  # a template/tokenizer mismatch fails here
+        chat.render(tokenizer, prompt_rows[0]["messages"] if build else pair_rows[0]["prompt"], args.template)
+    policy = M.from_pretrained(args.model, dtype=dtype)
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+policy.gradient_checkpointing = args.activation_checkpointing
+policy = dist.shard(policy, device)
+
+# --- pairs: sample, score, select (skipped for prompts already done) -------------------------------------
+
+if build:
+    rm = reward.RewardModel(args.reward_model, device=device, dtype=dtype) if args.reward_model else None
+    counts = pairs.build_pairs(policy, tokenizer, prompt_rows, pairs_path, template=args.template, rm=rm,
+                               reward_fn=reward_fn, group_size=args.group_size, temperature=args.temperature,
+                               top_p=args.top_p, max_prompt_len=args.max_prompt_len,
+                               max_new_tokens=args.max_new_tokens, strict=args.strict,
+                               min_valid=args.min_parseable, max_pair_len=args.max_pair_len, seed=args.seed,
+                               chunk_prompts=args.chunk_prompts, batch_size=args.sample_batch_size,
+                               progress=dist.is_main())
+    del rm
+    if dist.is_main():
+        print(f"pairs: {counts['pairs']} new, {counts['skipped']} prompts already done; dropped "
+              + ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in pairs.DROP_REASONS)
+              + f"\npairs file: {pairs_path}\ndropped:    {pairs.dropped_path(pairs_path)}")
+    if args.build_pairs:
+        dist.cleanup()
+        sys.exit(0)
+    dist.barrier()
+    try:
+        pair_rows = data.load_pairs(pairs_path)
+    except ValueError as e:
+        sys.exit(f"error: no pairs to train on ({e})")
+
+# --- encode: exact token ids, each pair cut to --max-len ---------------------------------------------------
+
+vocab = policy.config.vocab_size
+encoded, n_cut = [], 0
+for r in pair_rows:
+    ids = data.encode_pair(tokenizer, r, args.template)
+    if max(max(x) for x in ids) >= vocab:
+        sys.exit(f"error: pair {r['id']!r} holds token ids beyond the model's vocabulary ({vocab}); were the pairs "
+                 "sampled from another model? drop the *_ids fields to re-tokenize the text")
+    *ids, cut = data.truncate_pair(*ids, args.max_len, tokenizer.bos_token_id)
+    encoded.append(tuple(ids))
+    n_cut += cut
+if len(encoded) < args.batch_size:
+    sys.exit(f"error: {len(encoded)} pairs, fewer than --batch-size {args.batch_size}; sample more prompts or "
+             "lower --batch-size")
+steps_per_epoch = len(encoded) // args.batch_size
+total_steps = args.steps or max(1, int(args.epochs * steps_per_epoch))
+pad_id = chat.pad_id(tokenizer)
+if dist.is_main():
+    print(f"dpo: {len(encoded)} pairs ({n_cut} cut to --max-len {args.max_len}), {total_steps} steps of "
+          f"{args.batch_size}, loss {args.loss}, beta {args.beta}")
+
+# --- reference log-probs, once, through the function that computes the policy's --------------------------
+
+
+def batch_of(idx):
+    """The pairs `idx` as one [chosen; rejected] batch on the device (rlmt.pairs.pair_batch)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v
+            for k, v in pairs.pair_batch([encoded[i] for i in idx], pad_id).items()}
+
+
+ref = policy if not args.ref_model else dist.shard(M.from_pretrained(args.ref_model, dtype=dtype), device)
+ref_logps = torch.zeros(len(encoded), 2, device=device)  # [pairs, (chosen, rejected)] summed log-probs
+ref_counts = torch.zeros(len(encoded), 2, device=device)
+share = list(range(rank, len(encoded), world))  # each rank a share; the sum over ranks fills every row
+ref.eval()
+# Unsharded once for the whole pass, as for a rollout: no collective inside, so ranks may run different
+# numbers of forwards; on exit every FSDP module is resharded, and the optimizer below is built on the
+# sharded parameters (a plain no_grad forward of FSDP2 would leave the root unsharded).
+with dist.unsharded(ref), torch.no_grad():
+    for s in tqdm(range(0, len(share), args.micro_batch_size), desc="reference", disable=not dist.is_main(),
+                  dynamic_ncols=True):
+        idx = share[s:s + args.micro_batch_size]
+        lp, n = pairs.pair_logps(ref, batch_of(idx))
+        ref_logps[idx] = torch.stack(lp.chunk(2), dim=1)
+        ref_counts[idx] = torch.stack(n.chunk(2), dim=1)
+ref_logps, ref_counts = dist.all_reduce_sum(ref_logps), dist.all_reduce_sum(ref_counts)
+if ref is not policy:
+    del ref
+policy.train()
+
+# --- optimizer ------------------------------------------------------------------------------------------
+
+opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+start = 0
+if args.resume:  # after the reference pass: that one needed the starting weights
+    start = checkpoint.load_state(args.resume, {"policy": policy}, {"policy": opt})["step"]
+    if dist.is_main():
+        log.truncate_after(args.out, start)
+        print(f"resumed from {args.resume} at step {start}")
+tb = log.tensorboard(args.out) if dist.is_main() else None
+
+
+def pairs_for(step):
+    """This rank's pair indices at `step`: epoch-wise shuffles, a slice per step, one share per rank."""
+    epoch, i = divmod(step, steps_per_epoch)
+    order = np.random.RandomState(args.seed + epoch).permutation(len(encoded))
+    chunk = order[i * args.batch_size:(i + 1) * args.batch_size]
+    share = args.batch_size // world
+    return chunk[rank * share:(rank + 1) * share].tolist()
+
+
+def save(step):
+    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer)
+    checkpoint.save_state(os.path.join(args.out, "state"), {"policy": policy}, {"policy": opt},
+                          {"step": step, "args": vars(args)})
+
+
+# --- loop -----------------------------------------------------------------------------------------------
+
+end = min(total_steps, args.stop_after or total_steps)
+bar = tqdm(range(start, end), initial=start, total=total_steps, disable=not dist.is_main(),
+           desc="dpo", dynamic_ncols=True)
+for step in bar:
+    t0 = time.perf_counter()
+    lr = optim.cosine_lr(step, total_steps, args.lr, args.warmup)
+    optim.set_lr(opt, lr)
+    stats, n_tok = [], 0
+    mine = pairs_for(step)
+    for s in range(0, len(mine), args.micro_batch_size):
+        idx = mine[s:s + args.micro_batch_size]
+        b = batch_of(idx)
+        logps, counts = pairs.pair_logps(policy, b)
+        ref_lp, ref_n = ref_logps[idx], ref_counts[idx]
+        if args.loss == "ipo":  # IPO is defined on length-averaged log-probs
+            logps, ref_lp = logps / counts.clamp(min=1), ref_lp / ref_n.clamp(min=1)
+        chosen, rejected = logps.chunk(2)
+        loss, pm = losses.dpo_loss(chosen, rejected, ref_lp[:, 0], ref_lp[:, 1], args.beta, args.loss)
+        # summed over pairs, divided by the step's pair count; × world undoes FSDP's mean over ranks
+        (loss.sum() / args.batch_size * world).backward()
+        pm.update(loss=loss.detach().mean(), chosen_logp=chosen.detach().mean(),
+                  rejected_logp=rejected.detach().mean())
+        stats.append(pm)
+        n_tok += int(b["attention_mask"].sum())
+    grad_norm = dist.clip_grad_norm(policy, args.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+
+    # log: micro-batches are equal in size, so the mean of their means is the step's mean
+    metrics = {k: torch.stack([s_[k] for s_ in stats]).mean() for k in stats[0]}
+    metrics.update(grad_norm=grad_norm, tokens_per_s=torch.tensor(n_tok / max(dt, 1e-9)), t_step=torch.tensor(dt))
+    metrics = log.reduce_metrics(metrics)
+    metrics["lr"] = lr
+    metrics["tokens_per_s"] *= world
+    if dist.is_main():
+        log.log_step(args.out, step + 1, metrics, (), tb)
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}", margin=f"{metrics['reward_margin']:.3g}",
+                        acc=f"{metrics['reward_accuracy']:.2f}", lr=f"{lr:.3g}")
+
+    if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == end:
+        save(step + 1)
+
+# --- save -----------------------------------------------------------------------------------------------
+
+if args.demo and build and world == 1:  # sampling a sharded model needs every rank
+    demo.dpo_report(policy, tokenizer, pairs_path, args)
+if dist.is_main():
+    plot = log.plot_rewards(args.out, keys=("reward_margin", "reward_accuracy"))
+    print(f"metrics: {os.path.join(args.out, 'metrics.jsonl')}\npolicy:  {os.path.join(args.out, 'policy')}"
+          f"\nstate:   {os.path.join(args.out, 'state')}" + (f"\nplot:    {plot}" if plot else ""))
+dist.cleanup()

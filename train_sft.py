@@ -1,0 +1,205 @@
+"""Warm start: supervised fine-tuning on thinking traces, the loss on assistant tokens only.
+
+    torchrun --nproc_per_node 8 train_sft.py --model llama-3.1-8b-instruct --data sft.jsonl --out runs/sft
+    python train_sft.py --demo          # a tiny model learns the thinking format on the CPU, ~1 minute
+
+Data: {"messages": [..., {"role": "assistant", "content": "<think>\\n{thought}\\n</think>\\n\\n{answer}"}]}
+rows, RLMT's warm-start format (DESIGN.md). Each conversation is rendered with the model's own chat
+template; the loss mask is read off the template rendered prefix by prefix (rlmt.data.encode_sft), so it
+covers the assistant turns and their end-of-turn token and nothing else: no system, user or header token.
+
+One step: --batch-size conversations (all ranks together); -log π of every assistant token is summed and
+divided once by the step's assistant-token count over all micro-batches and ranks, a token mean for the
+whole step whatever the micro-batching. AdamW betas (0.9, 0.95), weight decay 1e-4, lr 4e-6 with 10%
+linear warmup then cosine decay to zero, 2 epochs, gradient norm clipped to 1.0.
+
+--pack lays each rank's conversations end to end in rows of --max-len tokens, positions restarting at 0
+and attention blocked between conversations: less padding, the same loss per token. What is simplified:
+a conversation longer than --max-len is cut at the end (the count is printed), and packing passes an
+explicit [B, 1, T, T] mask, which SDPA runs without its flash kernel.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rlmt import chat, checkpoint, cli, data, dist, log, losses, model as M, optim
+from rlmt.logprobs import packed_logprobs, sequence_logprobs
+
+# --- CLI ------------------------------------------------------------------------------------------------
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--model", help="starting model: folder, hub id or alias (e.g. llama-3.1-8b-instruct)")
+p.add_argument("--data", help="SFT conversations, JSONL or JSON ({'messages'} rows ending with an assistant turn)")
+p.add_argument("--out", default="runs/sft", help="output folder: metrics, checkpoints")
+p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
+p.add_argument("--epochs", type=float, default=2.0, help="passes over the data when --steps is unset")
+p.add_argument("--batch-size", type=int, default=16, help="conversations per optimizer step, all ranks together")
+p.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward/backward on one rank")
+p.add_argument("--lr", type=float, default=4e-6, help="peak AdamW learning rate")
+p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps with linear warmup (then cosine)")
+p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
+p.add_argument("--max-len", type=int, default=4096,
+               help="tokens per conversation (cut at the end); the row length with --pack")
+p.add_argument("--pack", action="store_true", help="pack conversations into rows of --max-len tokens")
+p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+               help="parameter dtype (auto: bf16 on GPU, fp32 on CPU)")
+p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+p.add_argument("--save-every", type=int, default=200, help="export + training state every N steps (0: end only)")
+p.add_argument("--seed", type=int, default=0, help="seed for the data order")
+p.add_argument("--stop-after", type=int, help="end this run after step N, saving (the lr schedule still spans "
+               "the whole run; --resume continues it), e.g. to fit a job time limit")
+p.add_argument("--resume", help="training state folder to resume from (OUT/state)")
+p.add_argument("--demo", action="store_true", help="tiny offline CPU demo (builds its own model and data)")
+args = p.parse_args()
+
+if args.demo:
+    from rlmt import demo
+    demo.apply_sft_defaults(args, p)
+for flag in ("model", "data"):
+    if not getattr(args, flag):
+        p.error(f"--{flag} is required (or use --demo)")
+
+# Batch arithmetic and the data, checked before any model loads.
+world = int(os.environ.get("WORLD_SIZE", 1))
+if args.batch_size % world:
+    p.error(f"--batch-size {args.batch_size} must be divisible by the number of ranks {world}")
+if args.max_len < 2:
+    p.error("--max-len must be at least 2")
+if args.resume and not os.path.exists(os.path.join(args.resume, "trainer_state.json")):
+    sys.exit(f"error: --resume {args.resume}: no trainer_state.json; not a training state folder "
+             f"(resume from <out>/state)")
+try:
+    rows = data.load_sft(args.data)
+    tokenizer = chat.load_tokenizer(args.model)
+    examples, n_cut = [], 0
+    for r in rows:
+        try:
+            ids, mask = data.encode_sft(tokenizer, r["messages"])
+        except ValueError as e:
+            raise data.DataError(f"{args.data}: row {r['id']!r}: {e}") from None
+        n_cut += len(ids) > args.max_len
+        examples.append((ids[:args.max_len], mask[:args.max_len]))
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+empty = sum(1 for _, m in examples if not any(m))
+examples = [e for e in examples if any(e[1])]  # cut before the first assistant token: nothing to learn
+if len(examples) < args.batch_size:
+    sys.exit(f"error: {args.data} has {len(examples)} usable conversations, fewer than --batch-size {args.batch_size}")
+steps_per_epoch = len(examples) // args.batch_size
+total_steps = args.steps or max(1, int(args.epochs * steps_per_epoch))
+
+# --- init -----------------------------------------------------------------------------------------------
+
+rank, world, device = dist.init()
+torch.manual_seed(args.seed)
+dtype = cli.torch_dtype(args.dtype, device)
+os.makedirs(args.out, exist_ok=True)
+if dist.is_main():
+    print(f"sft: {len(examples)} conversations, {sum(sum(m) for _, m in examples):,} assistant tokens; "
+          f"{n_cut} cut at --max-len {args.max_len}, {empty} dropped (nothing left to learn); "
+          f"{total_steps} steps of {args.batch_size}")
+
+# --- model and optimizer --------------------------------------------------------------------------------
+
+try:
+    policy = M.from_pretrained(args.model, dtype=dtype)
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+policy.gradient_checkpointing = args.activation_checkpointing
+policy = dist.shard(policy, device).train()
+pad_id = chat.pad_id(tokenizer)
+
+opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+start = 0
+if args.resume:
+    start = checkpoint.load_state(args.resume, {"policy": policy}, {"policy": opt})["step"]
+    if dist.is_main():
+        log.truncate_after(args.out, start)
+        print(f"resumed from {args.resume} at step {start}")
+tb = log.tensorboard(args.out) if dist.is_main() else None
+
+
+def examples_for(step):
+    """This rank's conversations at `step`: epoch-wise shuffles, a slice per step, one share per rank.
+    A function of the step alone, so resuming needs nothing but the step."""
+    epoch, i = divmod(step, steps_per_epoch)
+    order = np.random.RandomState(args.seed + epoch).permutation(len(examples))
+    chunk = order[i * args.batch_size:(i + 1) * args.batch_size]
+    share = args.batch_size // world
+    return [examples[j] for j in chunk[rank * share:(rank + 1) * share]]
+
+
+def save(step):
+    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer)
+    checkpoint.save_state(os.path.join(args.out, "state"), {"policy": policy}, {"policy": opt},
+                          {"step": step, "args": vars(args)})
+
+
+# --- loop -----------------------------------------------------------------------------------------------
+
+end = min(total_steps, args.stop_after or total_steps)
+bar = tqdm(range(start, end), initial=start, total=total_steps, disable=not dist.is_main(),
+           desc="sft", dynamic_ncols=True)
+for step in bar:
+    t0 = time.perf_counter()
+    lr = optim.cosine_lr(step, total_steps, args.lr, args.warmup)
+    optim.set_lr(opt, lr)
+    b = data.sft_batch(examples_for(step), pad_id, pack_len=args.max_len if args.pack else None)
+    b = {k: v.to(device) for k, v in b.items()}
+    n_rows = b["input_ids"].shape[0]
+    count = dist.all_reduce_sum(b["loss_mask"].sum().float())  # the step's assistant tokens, all ranks
+    # Packed rows differ in number between ranks; every rank runs as many passes as the busiest one
+    # (an empty pass still joins FSDP's collectives).
+    n_passes = int(dist.all_reduce_max(torch.tensor(-(-n_rows // args.micro_batch_size), device=device)))
+    loss_sum = torch.zeros((), device=device)
+    for k in range(n_passes):
+        mb = {key: v[k * args.micro_batch_size:(k + 1) * args.micro_batch_size] for key, v in b.items()}
+        extra = mb["input_ids"].shape[0] == 0
+        if extra:  # a pass only to match the busier rank's collectives: one row, nothing in the loss
+            mb = {key: v[:1] for key, v in b.items()}
+        m = torch.zeros_like(mb["loss_mask"]) if extra else mb["loss_mask"]
+        if args.pack:
+            logp = packed_logprobs(policy, mb["input_ids"], mb["position_ids"], mb["segment_ids"])
+        else:
+            logp, _ = sequence_logprobs(policy, mb["input_ids"], mb["attention_mask"], mb["position_ids"])
+        # Σ −log π over assistant tokens / the step's count; × world undoes FSDP's mean over ranks
+        loss = losses.aggregate(-logp, m, "token-mean", count=count)
+        (loss * world).backward()
+        loss_sum += loss.detach()
+    grad_norm = dist.clip_grad_norm(policy, args.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+
+    # log: one reduction over ranks (a mean, so the per-rank shares of the loss are scaled by world)
+    real = b["attention_mask"] if "attention_mask" in b else (b["segment_ids"] >= 0).long()
+    metrics = log.reduce_metrics({
+        "loss": loss_sum * world, "grad_norm": grad_norm, "assistant_tokens": count,
+        "pad_frac": 1.0 - real.sum() / max(1, real.numel()), "rows": torch.tensor(float(n_rows)),
+        "tokens_per_s": real.sum() / max(dt, 1e-9), "t_step": torch.tensor(dt)})
+    metrics["lr"] = lr
+    metrics["tokens_per_s"] *= world
+    if dist.is_main():
+        log.log_step(args.out, step + 1, metrics, (), tb)
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{lr:.3g}", tok_s=f"{metrics['tokens_per_s']:.3g}")
+
+    if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == end:
+        save(step + 1)
+
+# --- save -----------------------------------------------------------------------------------------------
+
+if args.demo and world == 1:  # sampling a sharded model needs every rank
+    with torch.no_grad():
+        for q in ("name three color?", "tell me about river?"):
+            demo.show(policy.eval(), tokenizer, [{"role": "user", "content": q}])
+if dist.is_main():
+    print(f"metrics: {os.path.join(args.out, 'metrics.jsonl')}\npolicy:  {os.path.join(args.out, 'policy')}"
+          f"\nstate:   {os.path.join(args.out, 'state')}")
+dist.cleanup()
