@@ -77,12 +77,15 @@ def check(args, p, mini_batches=1):
     if args.prompts_per_step % world:
         p.error(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of ranks {world}")
     rows_per_rank = args.prompts_per_step // world * args.group_size
-    if rows_per_rank % (mini_batches * args.micro_batch_size):
-        split = f" in {mini_batches} mini-batches of {rows_per_rank // mini_batches}" if mini_batches > 1 else ""
-        p.error(f"each rank trains on {args.prompts_per_step}/{world} prompts x {args.group_size} samples = "
-                f"{rows_per_rank} rows{split}, not divisible by --micro-batch-size {args.micro_batch_size}; "
-                f"use a micro-batch size that divides {rows_per_rank // mini_batches}"
-                + (" (and --mini-batches that divides the rows)" if mini_batches > 1 else ""))
+    rows_msg = f"each rank trains on {args.prompts_per_step}/{world} prompts x {args.group_size} samples = " \
+               f"{rows_per_rank} rows"
+    if rows_per_rank % mini_batches:
+        p.error(f"{rows_msg}, not divisible by --mini-batches {mini_batches}")
+    per_mini_batch = rows_per_rank // mini_batches
+    if per_mini_batch % args.micro_batch_size:
+        split = f" in {mini_batches} mini-batches of {per_mini_batch}" if mini_batches > 1 else ""
+        p.error(f"{rows_msg}{split}, not divisible by --micro-batch-size {args.micro_batch_size}; "
+                f"use a micro-batch size that divides {per_mini_batch}")
     try:
         rows = data.load_prompts(args.data)
         eval_rows = data.load_prompts(args.eval_data)[:args.eval_prompts] if args.eval_data else []

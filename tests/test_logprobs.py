@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlmt import model as M
-from rlmt.logprobs import sequence_logprobs, token_logprobs
+from rlmt.logprobs import sequence_logprobs, sequence_values, token_logprobs
 
 
 def _naive(hidden, weight, targets, temperature):
@@ -80,3 +80,22 @@ def test_gradients_reach_the_model(llama_dir):
     logp.sum().backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_sequence_values_alignment(llama_dir):
+    """A critic's values[:, t] = V(ids[:t]): the score head at t − 1, the state in which token t was chosen,
+    so it pairs with sequence_logprobs[:, t]; changing token t leaves values[:, t] unchanged."""
+    critic = M.from_pretrained(llama_dir, head="score")  # the policy's trunk, a fresh value head
+    ids = torch.randint(0, critic.config.vocab_size, (2, 7))
+    am = torch.ones_like(ids)
+    am[1, :2] = 0
+    with torch.no_grad():
+        values = sequence_values(critic, ids, am)
+        per_position = critic(ids, am)
+        changed = ids.clone()
+        changed[:, 4] = (changed[:, 4] + 1) % critic.config.vocab_size
+        values_changed = sequence_values(critic, changed, am)
+    assert values.dtype == torch.float32 and values[:, 0].abs().max() == 0
+    torch.testing.assert_close(values[:, 1:], per_position[:, :-1].float())
+    torch.testing.assert_close(values_changed[:, :5], values[:, :5])
+    assert (values_changed[:, 5] - values[:, 5]).abs().min() > 0

@@ -490,6 +490,28 @@ def test_value_loss_inactive_on_first_epoch_and_poison():
     torch.testing.assert_close(vd.grad, v.grad)
 
 
+def test_whitening_over_ranks_reduces_sums_not_means():
+    # Two ranks holding the same rows: an all_reduce that doubles every sum must give the statistics of
+    # the batch stacked on itself (same μ, unbiased σ² over 2n − 1 values), not those of one copy.
+    g = torch.Generator().manual_seed(13)
+    mask = ragged_mask(4, 7, seed=13)
+    x = torch.randn(4, 7, generator=g)
+    stacked = L.masked_whiten(torch.cat([x, x]), torch.cat([mask, mask]))[:4]
+    torch.testing.assert_close(L.masked_whiten(x, mask, all_reduce=lambda t: 2 * t), stacked)
+    assert not torch.allclose(L.masked_whiten(x, mask), stacked)
+
+
+def test_explained_variance_hand():
+    # R = [1, 2, 3] on the mask (100 on padding): Var[R] = 1 (unbiased).
+    # V = R -> 1;  V = 2 (the mean) -> Var[R − V] = Var[R] -> 0;  V = [3, 2, 1] -> R − V = [−2, 0, 2], Var 4 -> −3
+    ret, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1, 1, 1, 0]])
+    torch.testing.assert_close(L.explained_variance(ret, ret, mask), torch.tensor(1.0))
+    torch.testing.assert_close(L.explained_variance(torch.full((1, 4), 2.0), ret, mask), torch.tensor(0.0))
+    torch.testing.assert_close(L.explained_variance(torch.tensor([[3.0, 2.0, 1.0, -9.0]]), ret, mask),
+                               torch.tensor(-3.0))
+    assert torch.isnan(L.explained_variance(ret, torch.ones(1, 4), mask))  # constant returns: undefined
+
+
 # ----------------------------------------------------------------------------- DPO
 
 def test_dpo_golden_values_and_metrics():

@@ -1,0 +1,223 @@
+"""PPO with a learned critic and GAE: RLMT's second online algorithm, the same reward model and prompts.
+
+    torchrun --nproc_per_node 8 train_ppo.py --model llama-3.1-8b-instruct --template think --strict \
+        --reward-model skywork-reward-llama-3.1-8b-v0.2 --data prompts.jsonl --lr 3e-7 --out runs/ppo
+    python train_ppo.py --demo           # a tiny model on the CPU, no network, about a minute
+
+One step (Bhaskar, Ye & Chen 2025, §2; PPO: Schulman et al. 2017; GAE: Schulman et al. 2016):
+  1. P prompts (split across ranks) × 1 sample each from the current policy at T 0.7; the reward model
+     scores (user turn, answer), the thought is never shown to it;
+  2. before any update, with no grad: the policy's log-probs and the critic's values of every response
+     token (the "old" ones the whole rollout is trained against), and the reference's log-probs when a
+     KL is asked for;
+  3. per-token reward = the score on the last response token (− β·k1 to the reference on every token
+     with --kl-in-reward β); GAE with γ = λ = 1 over response tokens, bootstrap 0 after the last one;
+     returns = advantages + old values; advantages whitened over the whole batch (all ranks, masked);
+  4. --ppo-epochs passes over the rollout, each in --mini-batches: per mini-batch one actor step (clipped
+     surrogate − entropy bonus [+ KL loss]) and one critic step (value loss clipped around the old
+     values, token mean), each model with its own AdamW.
+
+What differs from train_grpo.py, on purpose: one sample per prompt, with a critic instead of the group as
+the baseline, so advantages are per token; old log-probs and values are stored before the first update
+because --ppo-epochs / --mini-batches may take several steps per rollout (with the paper's one step the
+ratio is exactly 1, at the cost of one extra policy forward); the reference model is loaded only when a KL
+is asked for (the paper's PPO has none). Flags, the prompt schedule, seeded sampling, validation, logging
+and checkpoints are shared with GRPO through rlmt/ (cli, rollout, log, checkpoint).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from rlmt import chat, checkpoint, cli, dist, log, losses, model as M, reward, rollout
+from rlmt.logprobs import sequence_logprobs, sequence_values
+
+# --- CLI ------------------------------------------------------------------------------------------------
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+cli.add_common_args(p)  # the flags PPO shares with GRPO; where the paper's PPO differs, its defaults:
+p.set_defaults(out="runs/ppo", group_size=1, kl_coef=0.0)
+p.add_argument("--critic-init", default="policy", choices=["policy", "reward"],
+               help="critic trunk from the policy with a fresh value head (the paper's) or from the reward model")
+p.add_argument("--critic-lr", type=float, default=1e-5, help="critic AdamW learning rate (paper: 1e-5)")
+p.add_argument("--value-clip", type=float, default=0.5, help="keep new values within old ± this in the loss (0: off)")
+p.add_argument("--gamma", type=float, default=1.0, help="GAE discount γ (paper: 1)")
+p.add_argument("--lam", type=float, default=1.0, help="GAE λ (paper: 1)")
+p.add_argument("--kl-in-reward", type=float, default=0.0,
+               help="per-token k1 KL-to-reference penalty in the reward, this coefficient (classic RLHF; 0: off)")
+p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout (paper: 1)")
+p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per pass, each on 1/N of the rollout")
+args = p.parse_args()
+
+if args.demo:
+    from rlmt import demo
+    demo.apply_ppo_defaults(args, p)
+if args.ppo_epochs < 1 or args.mini_batches < 1:
+    p.error("--ppo-epochs and --mini-batches must be at least 1")
+if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1):
+    p.error(f"--gamma {args.gamma} and --lam {args.lam} must lie in [0, 1]")
+if args.value_clip < 0 or args.kl_in_reward < 0 or args.kl_coef < 0:
+    p.error("--value-clip, --kl-in-reward and --kl-coef must be >= 0")
+if args.critic_init == "reward" and not args.reward_model:
+    p.error("--critic-init reward needs --reward-model (the critic starts from its weights)")
+rows, eval_rows, reward_fn, total_steps = cli.check(args, p, mini_batches=args.mini_batches)
+
+# --- init -----------------------------------------------------------------------------------------------
+
+rank, world, device = dist.init()
+torch.manual_seed(args.seed)  # also the value head's init: the same on every rank
+dtype = cli.torch_dtype(args.dtype, device)
+os.makedirs(args.out, exist_ok=True)
+
+# --- models ---------------------------------------------------------------------------------------------
+
+try:
+    tokenizer = chat.load_tokenizer(args.model)
+    chat.render(tokenizer, rows[0]["messages"], args.template)  # a template/tokenizer mismatch fails here
+    if args.critic_init == "reward" and chat.load_tokenizer(args.reward_model).get_vocab() != tokenizer.get_vocab():
+        sys.exit(f"error: --critic-init reward: {args.reward_model} has another tokenizer than {args.model}, "
+                 "so a critic built from it cannot read the policy's tokens; use --critic-init policy")
+    policy = M.from_pretrained(args.model, dtype=dtype)
+    # The critic: a trunk and a scalar head read at every position (a fresh head on the policy's trunk).
+    critic = M.from_pretrained(args.model if args.critic_init == "policy" else args.reward_model, dtype=dtype,
+                               head="score")
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+policy.gradient_checkpointing = critic.gradient_checkpointing = args.activation_checkpointing
+policy = dist.shard(policy, device).train()
+critic = dist.shard(critic, device).train()
+ref = None
+if args.kl_coef > 0 or args.kl_in_reward > 0:  # the frozen initial policy, only when a KL is asked for
+    ref = dist.shard(M.from_pretrained(args.model, dtype=dtype).requires_grad_(False), device).eval()
+rm = reward.RewardModel(args.reward_model, device=device, dtype=dtype) if args.reward_model else None
+sampling = dict(rm=rm, reward_fn=reward_fn, seed=args.seed, **cli.rollout_kwargs(args))  # every rollout's
+
+# --- optimizer ------------------------------------------------------------------------------------------
+
+opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.999),
+                               weight_decay=args.weight_decay)
+models, optimizers = {"policy": policy, "critic": critic}, {"policy": opt, "critic": critic_opt}
+start = 0
+if args.resume:
+    start = checkpoint.load_state(args.resume, models, optimizers)["step"]
+    if dist.is_main():
+        log.truncate_after(args.out, start)
+        print(f"resumed from {args.resume} at step {start}")
+tb = log.tensorboard(args.out) if dist.is_main() else None
+
+
+def save(step):
+    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer)
+    checkpoint.export(critic, os.path.join(args.out, "critic"), tokenizer)  # reads the policy's tokens
+    checkpoint.save_state(os.path.join(args.out, "state"), models, optimizers, {"step": step, "args": vars(args)})
+
+
+# --- loop -----------------------------------------------------------------------------------------------
+
+mbs = args.micro_batch_size
+bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not dist.is_main(),
+           desc="ppo", dynamic_ncols=True)
+for step in bar:
+    # rollout: one sample per prompt (--group-size), answers scored
+    mine, first = rollout.prompts_for(rows, step, args.prompts_per_step, args.seed, rank, world)
+    ro = rollout.on_policy(policy, tokenizer, mine, step=step, first=first, group_size=args.group_size,
+                           temperature=args.temperature, **sampling)
+    b = {k: v.to(device) for k, v in ro["batch"].items() if torch.is_tensor(v)}
+    mask, n = b["response_mask"], b["response_mask"].shape[0]
+
+    # before any update, no grad: the log-probs and values every epoch and mini-batch is trained against
+    t0 = time.perf_counter()
+    old_logp, old_values, ref_logp = [], [], []
+    with torch.no_grad():
+        for s in range(0, n, mbs):
+            x = (b["input_ids"][s:s + mbs], b["attention_mask"][s:s + mbs], b["position_ids"][s:s + mbs])
+            old_logp.append(sequence_logprobs(policy, *x, args.temperature)[0])
+            old_values.append(sequence_values(critic, *x))
+            if ref is not None:
+                ref_logp.append(sequence_logprobs(ref, *x, args.temperature)[0])
+    b["old_logp"], b["old_values"] = torch.cat(old_logp), torch.cat(old_values)
+    if ref is not None:
+        b["ref_logp"] = torch.cat(ref_logp)
+
+    # advantages: the score on the last response token (minus β·k1 per token), GAE, whitened over all ranks
+    rewards = losses.last_token_rewards(ro["rewards"].to(device), mask)
+    if args.kl_in_reward > 0:
+        rewards = rewards - args.kl_in_reward * losses.kl(b["old_logp"], b["ref_logp"], "k1", mask=mask)
+    adv, b["returns"] = losses.gae(rewards, b["old_values"], mask, args.gamma, args.lam)
+    b["advantages"] = losses.masked_whiten(adv, mask, all_reduce=dist.all_reduce_sum)
+
+    # train: per mini-batch one actor and one critic step, each loss normalized by the mini-batch's global count
+    stats, grad_norms, critic_grad_norms, value_loss = [], [], [], 0.0
+    for epoch in range(args.ppo_epochs):
+        for k in range(args.mini_batches):
+            # Strided rows: mini-batch k holds the same samples whatever the number of ranks (a rank's rows
+            # are a contiguous slice of the step's, and each rank's row count is a multiple of --mini-batches).
+            idx = torch.arange(k, n, args.mini_batches, device=device)
+            counts = dist.all_reduce_sum(torch.stack([losses.aggregate_count(mask[idx], args.loss_agg).float(),
+                                                      mask[idx].sum().float()]))
+            for s in range(0, len(idx), mbs):
+                mb = {key: t[idx[s:s + mbs]] for key, t in b.items()}
+                m = mb["response_mask"]
+                ids, am, pos = mb["input_ids"], mb["attention_mask"], mb["position_ids"]
+                logp, ent = sequence_logprobs(policy, ids, am, pos, args.temperature,
+                                              with_entropy=args.entropy_coef > 0)
+                pg, pm = losses.policy_loss(logp, mb["old_logp"], mb["advantages"], m, args.clip_low,
+                                            args.clip_high, args.dual_clip)
+                per_token = pg
+                if args.kl_coef > 0:  # GRPO's KL loss term, if asked for
+                    per_token = per_token + args.kl_coef * losses.kl(logp, mb["ref_logp"], args.kl_kind, mask=m)
+                if ent is not None:
+                    per_token = per_token - args.entropy_coef * ent
+                    pm["entropy"] = losses.masked_mean(ent.detach(), m)
+                values = sequence_values(critic, ids, am, pos)
+                vl, vm = losses.value_loss(values, mb["old_values"], mb["returns"], m, args.value_clip or None)
+                actor_loss = losses.aggregate(per_token, m, args.loss_agg, count=counts[0])
+                critic_loss = losses.aggregate(vl, m, "token-mean", count=counts[1])
+                # × world undoes FSDP's average over ranks (the global count already normalizes). The two
+                # losses share no parameter, so one backward fills both models' gradients.
+                ((actor_loss + critic_loss) * world).backward()
+                value_loss += critic_loss.detach() * world  # summed over micro-batches and ranks: the mean
+                pm["value_clip_frac"] = vm["clip_frac"]
+                stats.append(pm)
+            grad_norms.append(dist.clip_grad_norm(policy, args.grad_clip))
+            critic_grad_norms.append(dist.clip_grad_norm(critic, args.grad_clip))
+            for o in (opt, critic_opt):
+                o.step()
+                o.zero_grad(set_to_none=True)
+    t_train = time.perf_counter() - t0
+
+    # log: one reduction over ranks, floats only here
+    metrics = {k: torch.stack([s_[k] for s_ in stats]).mean() for k in stats[0]}
+    metrics.update(rollout.metrics(ro, world), grad_norm=torch.stack(grad_norms).mean(),
+                   critic_grad_norm=torch.stack(critic_grad_norms).mean(),
+                   value_loss=value_loss / len(grad_norms), value_mean=losses.masked_mean(b["old_values"], mask),
+                   explained_variance=losses.explained_variance(b["old_values"], b["returns"], mask,
+                                                                all_reduce=dist.all_reduce_sum),
+                   adv_mean=losses.masked_mean(adv, mask),  # before whitening: > 0 when the critic underrates
+                   sampler_logp_diff=losses.masked_mean((b["old_logp"] - b["old_logprobs"]).abs(), mask),
+                   t_train=torch.tensor(t_train))
+    if ref is not None:
+        metrics["kl"] = losses.masked_mean(losses.kl(b["old_logp"], b["ref_logp"], args.kl_kind, mask=mask), mask)
+    if args.eval_every and eval_rows and (step + 1) % args.eval_every == 0:
+        metrics.update(rollout.validate(policy, tokenizer, eval_rows, step=step, rank=rank, world=world, **sampling))
+    metrics = log.reduce_metrics(metrics)
+    metrics.update(lr=args.lr, critic_lr=args.critic_lr)
+    if dist.is_main():
+        log.log_step(args.out, step + 1, metrics, rollout.sample_rows(ro, args.samples_per_step), tb)
+        bar.set_postfix(log.progress_postfix(metrics))
+
+    # save
+    if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
+        save(step + 1)
+
+# --- save -----------------------------------------------------------------------------------------------
+
+if dist.is_main():
+    log.report(args.out, policy=os.path.join(args.out, "policy"), critic=os.path.join(args.out, "critic"),
+               state=os.path.join(args.out, "state"))
+dist.cleanup()
