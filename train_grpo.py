@@ -92,6 +92,7 @@ for step in bar:
     ro = rollout.on_policy(policy, tokenizer, mine, step=step, first=first, group_size=args.group_size,
                            temperature=args.temperature, **sampling)
     b = {k: v.to(device) for k, v in ro["batch"].items() if torch.is_tensor(v)}
+    prompt_len = ro["batch"]["prompt_len"]  # every response begins at this column: no log-probs before it
     adv = losses.group_advantages(ro["rewards"], args.group_size, scale_by_std=not args.no_std_scale).to(device)
 
     # train: one optimizer step over micro-batches, normalized by the step's global count
@@ -105,9 +106,9 @@ for step in bar:
         ids, am, pos = mb["input_ids"], mb["attention_mask"], mb["position_ids"]
         if ref is not None:
             with torch.no_grad():
-                ref_logp, _ = sequence_logprobs(ref, ids, am, pos, args.temperature)
+                ref_logp, _ = sequence_logprobs(ref, ids, am, pos, args.temperature, start=prompt_len)
         logp, ent = sequence_logprobs(policy, ids, am, pos, args.temperature,
-                                      with_entropy=args.entropy_coef > 0)
+                                      with_entropy=args.entropy_coef > 0, start=prompt_len)
         pg, pm = losses.policy_loss(logp, logp.detach(), adv[s:s + args.micro_batch_size], m,
                                     args.clip_low, args.clip_high, args.dual_clip)
         per_token = pg

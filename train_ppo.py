@@ -129,6 +129,7 @@ for step in bar:
                            temperature=args.temperature, **sampling)
     b = {k: v.to(device) for k, v in ro["batch"].items() if torch.is_tensor(v)}
     mask, n = b["response_mask"], b["response_mask"].shape[0]
+    prompt_len = ro["batch"]["prompt_len"]  # every response begins at this column: no log-probs before it
 
     # before any update, no grad: the log-probs and values every epoch and mini-batch is trained against
     t0 = time.perf_counter()
@@ -136,10 +137,10 @@ for step in bar:
     with torch.no_grad():
         for s in range(0, n, mbs):
             x = (b["input_ids"][s:s + mbs], b["attention_mask"][s:s + mbs], b["position_ids"][s:s + mbs])
-            old_logp.append(sequence_logprobs(policy, *x, args.temperature)[0])
+            old_logp.append(sequence_logprobs(policy, *x, args.temperature, start=prompt_len)[0])
             old_values.append(sequence_values(critic, *x))
             if ref is not None:
-                ref_logp.append(sequence_logprobs(ref, *x, args.temperature)[0])
+                ref_logp.append(sequence_logprobs(ref, *x, args.temperature, start=prompt_len)[0])
     b["old_logp"], b["old_values"] = torch.cat(old_logp), torch.cat(old_values)
     if ref is not None:
         b["ref_logp"] = torch.cat(ref_logp)
@@ -165,7 +166,7 @@ for step in bar:
                 m = mb["response_mask"]
                 ids, am, pos = mb["input_ids"], mb["attention_mask"], mb["position_ids"]
                 logp, ent = sequence_logprobs(policy, ids, am, pos, args.temperature,
-                                              with_entropy=args.entropy_coef > 0)
+                                              with_entropy=args.entropy_coef > 0, start=prompt_len)
                 pg, pm = losses.policy_loss(logp, mb["old_logp"], mb["advantages"], m, args.clip_low,
                                             args.clip_high, args.dual_clip)
                 per_token = pg

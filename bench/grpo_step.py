@@ -114,7 +114,7 @@ def rlmt_step(policy, ref, opt, tokenizer, rows, step, micro_batch_size):
         policy.train()
     b = {k: v for k, v in ro["batch"].items() if torch.is_tensor(v)}
     adv = losses.group_advantages(ro["rewards"], GROUP)
-    mask = b["response_mask"]
+    mask, prompt_len = b["response_mask"], ro["batch"]["prompt_len"]
     count = dist.all_reduce_sum(losses.aggregate_count(mask, "seq-mean-token-mean"))
     stats = []
     for s in range(0, mask.shape[0], micro_batch_size):
@@ -122,8 +122,8 @@ def rlmt_step(policy, ref, opt, tokenizer, rows, step, micro_batch_size):
         m = mb["response_mask"]
         ids, am, pos = mb["input_ids"], mb["attention_mask"], mb["position_ids"]
         with torch.no_grad():
-            ref_logp, _ = sequence_logprobs(ref, ids, am, pos, TEMPERATURE)
-        logp, ent = sequence_logprobs(policy, ids, am, pos, TEMPERATURE, with_entropy=True)
+            ref_logp, _ = sequence_logprobs(ref, ids, am, pos, TEMPERATURE, start=prompt_len)
+        logp, ent = sequence_logprobs(policy, ids, am, pos, TEMPERATURE, with_entropy=True, start=prompt_len)
         pg, pm = losses.policy_loss(logp, logp.detach(), adv[s:s + micro_batch_size], m, CLIP, CLIP, 3.0)
         kl = losses.kl(logp, ref_logp, "k3", mask=m)
         per_token = pg + KL_COEF * kl - ENTROPY_COEF * ent

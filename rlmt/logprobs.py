@@ -49,16 +49,23 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False,
 
 
 def sequence_logprobs(model, input_ids, attention_mask=None, position_ids=None, temperature=1.0,
-                      with_entropy=False):
+                      with_entropy=False, start=0):
     """Log-probs of each token given the ones before it, through the model.
 
     input_ids, attention_mask, position_ids [B, T] -> (logp [B, T], entropy [B, T] or None), where
     position t holds log π(input_ids[t] | input_ids[:t]); position 0 has no context and is 0.
     Multiply by the response mask: only response positions are meaningful to the losses.
+    start: positions t < start are returned as 0 and their logits are never computed (the trunk still
+    reads every token). A rollout batch's responses all begin at its `prompt_len` column, so passing it
+    skips the prompt's LM head, log-softmax and entropy, which the mask would drop anyway.
     """
+    B, T = input_ids.shape
+    if not 0 <= start <= T:
+        raise ValueError(f"start={start} is outside the {T} positions of the batch")
     targets = torch.roll(input_ids, -1, dims=1)  # the target at t is the token at t+1
+    # logp[:, t] is read from the hidden state at t − 1, so the head starts one position before `start`
     logp, ent = model(input_ids, attention_mask, position_ids, targets=targets, temperature=temperature,
-                      with_entropy=with_entropy)
+                      with_entropy=with_entropy, logits_from=max(start - 1, 0))
     # shift right so that logp[:, t] belongs to input_ids[:, t]
     pad = logp.new_zeros(logp.shape[0], 1)
     logp = torch.cat([pad, logp[:, :-1]], dim=1)

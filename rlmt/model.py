@@ -218,7 +218,7 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False  # recompute each block in backward (long CoT training)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, *, cache=None, attn_mask=None,
-                last_only=False, targets=None, temperature=1.0, with_entropy=False):
+                last_only=False, targets=None, temperature=1.0, with_entropy=False, logits_from=0):
         """input_ids [B, T]; attention_mask [B, T] (1 = token, left or right padding); position_ids [B, T]
         (default cumsum(attention_mask) - 1, so left-padded rows start at 0).
         cache / attn_mask: the sampler's KV cache and its bool [B, 1, T, S] mask.
@@ -226,6 +226,9 @@ class Transformer(nn.Module):
         Returns, for the LM head: logits [B, T, V] (or [B, 1, V] with last_only); with `targets` [B, T]
         the chunked fp32 log-probs (logprobs.token_logprobs) of those targets at `temperature`:
         (logp [B, T], entropy [B, T] or None) — computed here so FSDP's hooks see the lm_head use.
+        logits_from: with `targets`, the trunk runs over all T tokens but the LM head only over positions
+        ≥ logits_from; the ones before are returned as 0 (an RL loss never reads the prompt's log-probs,
+        and the head + softmax over V cost more than the trunk on small models).
         For the score head: one scalar per token [B, T]."""
         B, T = input_ids.shape
         if position_ids is None:
@@ -250,7 +253,13 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         if targets is not None:
             from rlmt.logprobs import token_logprobs
-            return token_logprobs(h, self.lm_head.weight, targets, temperature, with_entropy)
+            logp, ent = token_logprobs(h[:, logits_from:], self.lm_head.weight, targets[:, logits_from:],
+                                       temperature, with_entropy)
+            if logits_from:  # back to [B, T], zeros first, so every caller keeps one alignment
+                pad = logp.new_zeros(B, logits_from)
+                logp = torch.cat([pad, logp], dim=1)
+                ent = torch.cat([pad, ent], dim=1) if ent is not None else None
+            return logp, ent
         return self.lm_head(h)
 
     def init_new_weights(self, std=None):

@@ -179,9 +179,11 @@ def pair_logps(model, batch):
     """Summed log-probs of each completion of a pair_batch, and its token count.
 
     The same function gives the policy's (with grad) and the reference's (under no_grad, precomputed
-    once or live): one forward over [chosen; rejected], at temperature 1. Masked positions are zeroed
-    with torch.where (padding never reaches the sum). Returns (logps [2k] fp32, n_tokens [2k] fp32)."""
-    logp, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    once or live): one forward over [chosen; rejected], at temperature 1, with no logits for the prompt
+    columns (every completion begins at `prompt_len`). Masked positions are zeroed with torch.where
+    (padding never reaches the sum). Returns (logps [2k] fp32, n_tokens [2k] fp32)."""
+    logp, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                start=batch.get("prompt_len", 0))
     m = batch["response_mask"].bool()
     total = torch.where(m, logp.float(), torch.zeros((), device=logp.device)).sum(1)
     return total, m.sum(1).float()

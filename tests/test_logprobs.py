@@ -82,6 +82,44 @@ def test_gradients_reach_the_model(llama_dir):
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("start", [0, 1, 4, 8])  # T = 9: none skipped, only position 0, a prompt, all but one
+@pytest.mark.parametrize("fixture", ["llama_dir", "qwen_dir"])  # untied and tied (lm_head = embeddings)
+def test_start_skips_the_head_before_it(fixture, start, request):
+    """sequence_logprobs(start=s): on positions ≥ s the log-probs, entropies and every parameter's gradient
+    equal the full computation's (the trunk still reads the whole row); before s they are exactly 0."""
+    model = M.from_pretrained(request.getfixturevalue(fixture)).train()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=g)
+    am = torch.ones_like(ids)
+    am[0, :2] = 0  # left padding, as in a rollout batch
+    keep = (torch.arange(9) >= start).float()
+    coef = torch.randn(3, 9, generator=g) * keep  # a loss that reads only positions ≥ start, as the mask does
+    results = []
+    for s in (0, start):
+        model.zero_grad(set_to_none=True)
+        logp, ent = sequence_logprobs(model, ids, am, temperature=0.7, with_entropy=True, start=s)
+        ((logp * coef).sum() + (ent * coef).sum() * 0.5).backward()
+        results.append((logp, ent, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logp, ent, grads), (logp_s, ent_s, grads_s) = results
+    assert logp_s.shape == ent_s.shape == (3, 9)
+    assert logp_s[:, :start].abs().sum() == 0 and ent_s[:, :start].abs().sum() == 0
+    torch.testing.assert_close(logp_s[:, start:], logp[:, start:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent_s[:, start:], ent[:, start:], rtol=1e-6, atol=1e-6)
+    assert grads.keys() == grads_s.keys()
+    for n in grads:
+        torch.testing.assert_close(grads_s[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_start_out_of_range(llama_dir):
+    model = M.from_pretrained(llama_dir)
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        assert sequence_logprobs(model, ids, start=5)[0].abs().sum() == 0  # nothing left to score
+        for bad in (-1, 6):
+            with pytest.raises(ValueError, match="outside"):
+                sequence_logprobs(model, ids, start=bad)
+
+
 def test_sequence_values_alignment(llama_dir):
     """A critic's values[:, t] = V(ids[:t]): the score head at t − 1, the state in which token t was chosen,
     so it pairs with sequence_logprobs[:, t]; changing token t leaves values[:, t] unchanged."""
