@@ -53,6 +53,12 @@ def barrier():
         tdist.barrier()
 
 
+def is_sharded(model):
+    """True when `model` or one of its submodules is an FSDP2 module."""
+    from torch.distributed.fsdp import FSDPModule
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 @contextmanager
 def unsharded(model):
     """Hold an FSDP2 model's full parameters for a rollout: every `FSDPModule` in it is unsharded once

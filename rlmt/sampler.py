@@ -33,26 +33,39 @@ from rlmt import data, dist
 
 
 class KVCache:
-    """Keys and values of `slots` rows: k, v [layers, slots, K, S, hd], preallocated, zero-filled.
+    """Keys and values of `slots` rows: one k and one v [slots, K, S, hd] per layer, preallocated, zeroed.
 
     The model's attention calls `update(layer, k, v)` with the step's keys [b, K, 1, hd]; they are written
     at column `pos[i]` of row i (pos [b] long, set before the forward) and the first `width` columns of
     rows [0, b) come back. width = S keeps shapes static (the compiled step); the eager path sets it to
-    the longest live row, which saves attention work on the CPU."""
+    the longest live row, rounded up to `bucket` columns. One tensor per layer, written in place through
+    index_put_: torch.compile then updates it in place, where a write into a slice of one
+    [layers, ...] tensor made it copy the whole cache every step (seen on an H200: 8B decode 8× slower)."""
 
     def __init__(self, layers, slots, kv_heads, length, head_dim, dtype, device):
-        shape = (layers, slots, kv_heads, length, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (slots, kv_heads, length, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.pos, self.width = None, length
 
     def update(self, layer, k, v):
-        b, K, _, hd = k.shape
-        col = self.pos.view(b, 1, 1, 1).expand(b, K, 1, hd)
-        kc, vc = self.k[layer, :b], self.v[layer, :b]
-        kc.scatter_(2, col, k)
-        vc.scatter_(2, col, v)
-        return kc[:, :, :self.width], vc[:, :, :self.width]
+        b = k.shape[0]
+        rows = torch.arange(b, device=k.device)
+        kc, vc = self.k[layer], self.v[layer]
+        kc[rows, :, self.pos] = k[:, :, 0]  # [b, K, hd] into (row i, column pos[i])
+        vc[rows, :, self.pos] = v[:, :, 0]
+        return kc[:b, :, :self.width], vc[:b, :, :self.width]
+
+    def copy_rows(self, dst, src, cols, from_k=None, from_v=None):
+        """Columns [0, cols) of row `dst` <- row `src` of this cache, or of the per-layer tensors from_k /
+        from_v (a prefill's, whose last `cols` columns are taken)."""
+        for layer in range(len(self.k)):
+            if from_k is None:
+                self.k[layer][dst, :, :cols] = self.k[layer][src, :, :cols]
+                self.v[layer][dst, :, :cols] = self.v[layer][src, :, :cols]
+            else:
+                self.k[layer][dst, :, :cols] = from_k[layer][src, :, -cols:]
+                self.v[layer][dst, :, :cols] = from_v[layer][src, :, -cols:]
 
 
 class PromptKV:
@@ -135,7 +148,7 @@ def _check(prompts, n, max_new_tokens, temperature, top_p, top_k, batch_size, st
 
 def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0, top_k=0, stop_ids=(),
              stop_strings=None, tokenizer=None, seed=0, batch_size=64, ignore_eos=False, compile=False,
-             progress=False):
+             cuda_graph=None, progress=False):
     """Sample `n` responses to each prompt.
 
     prompts: P lists of token ids. stop_ids: ids that end a sample (EOS and end-of-turn tokens,
@@ -149,6 +162,11 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
     max_new_tokens) x hd values: Llama-3.1-8B in bf16, 64 slots x 5,120 tokens, takes 43 GB.
     compile: torch.compile the decode step with static shapes (every slot, the whole cache width rounded
     up to 256), for GPUs; the first call compiles (~30 s on a CPU).
+    cuda_graph: capture the decode step (compiled or not) in a CUDA graph, once per call, and replay it
+    each step: one launch instead of hundreds, which is what decode waits on (an H200 at 64 rows: 77 ->
+    4.9 ms a step for a 1B model, 81 -> 14 ms for an 8B; bench/gpu.py). Static shapes as with compile.
+    None: on whenever it can be, a CUDA device and a model that is not FSDP-sharded (FSDP's hooks
+    cannot be captured).
     An FSDP2 model is unsharded once for the call (rlmt.dist.unsharded).
     Every sampling field is an argument; a checkpoint's generation_config is never read.
 
@@ -178,6 +196,12 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
         keys = [(int(x),) for x in seed] if per_prompt else [(int(seed), p) for p in range(len(prompts))]
         draws = torch.zeros(slots, max_new_tokens, device=device)  # each slot's sample's uniforms
         step = torch.compile(decode_one_token, dynamic=False) if compile else decode_one_token
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda" and not dist.is_sharded(model)
+        static = compile or cuda_graph  # every slot decoded each step, over the whole cache width
+        bucket = 256 if device.type == "cuda" else 1
+        if cuda_graph:
+            step = _GraphedStep(step, model, cache, slots, device)
 
         pending = deque(range(N))   # sample j belongs to prompt j // n
         ready = {}                  # prompt -> (PromptKV, row, last logits [V]) until its n samples start
@@ -220,8 +244,7 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
             for s, j in zip(free, take):
                 kv, row, _ = ready[j // n]
                 L = len(prompts[j // n])
-                cache.k[:, s, :, :L] = kv.k[:, row, :, -L:]
-                cache.v[:, s, :, :L] = kv.v[:, row, :, -L:]
+                cache.copy_rows(s, row, L, kv.k, kv.v)
                 owner[s], pos[s] = j, L - 1  # record() moves it to L, the first token's column
                 if temperature > 0:  # the sample's own uniforms, one for each token it may draw
                     g = _generator(keys[j // n] + (j % n,), device)
@@ -243,19 +266,20 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
                 if hole is None:
                     return
                 src, cols = live - 1, pos[live - 1]  # the columns that row has written
-                cache.k[:, hole, :, :cols] = cache.k[:, src, :, :cols]
-                cache.v[:, hole, :, :cols] = cache.v[:, src, :, :cols]
+                cache.copy_rows(hole, src, cols)
                 draws[hole] = draws[src]
                 owner[hole], cur[hole], pos[hole], owner[src] = owner[src], cur[src], pos[src], -1
 
         while True:
             while pending and -1 in owner:
                 admit()
-            if not compile and not pending:
+            if not static and not pending:
                 pack()
             if not any(o >= 0 for o in owner[:live]):
                 break
-            cache.width = S if compile else max(pos[:live]) + 1
+            # eager: attend up to the longest live row, in steps of `bucket` columns on a GPU, where each
+            # new width costs a fresh attention set-up (~70 ms a step on an H200 when it changed every step)
+            cache.width = S if static else min(S, -(-(max(pos[:live]) + 1) // bucket) * bucket)
             logits = step(model, cache, torch.tensor(cur[:live], device=device),
                           torch.tensor(pos[:live], device=device))
             drawn = torch.tensor([len(tokens[j]) if j >= 0 else 0 for j in owner[:live]], device=device)
@@ -266,6 +290,36 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
     return [{"prompt_index": j // n, "sample_index": j % n, "tokens": tokens[j],
              "logprobs": torch.tensor(logprobs[j], dtype=torch.float32), "finish_reason": reasons[j]}
             for j in range(N)]
+
+
+class _GraphedStep:
+    """decode_one_token for every slot of `cache`, captured once in a CUDA graph and replayed: the
+    inputs are copied into the graph's own tensors, the logits come back in its output tensor (valid
+    until the next replay). gpt-fast gets the same from torch.compile(mode="reduce-overhead"); capturing
+    by hand keeps the graph tied to this call's cache, so no recompile follows a new cache."""
+
+    def __init__(self, step, model, cache, slots, device):
+        if device.type != "cuda" or dist.is_sharded(model):
+            raise ValueError("cuda_graph needs a CUDA device and a model that is not FSDP-sharded")
+        self.tok = torch.zeros(slots, dtype=torch.long, device=device)
+        self.pos = torch.zeros(slots, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up runs (and compiles) outside the capture
+            for _ in range(2):
+                step(model, cache, self.tok, self.pos)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(model, cache, self.tok, self.pos)
+        for t in cache.k + cache.v:  # the warm-up wrote column 0 of every slot
+            t.zero_()
+
+    def __call__(self, model, cache, tok, pos):
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.logits
 
 
 def _generator(key, device):

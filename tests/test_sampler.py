@@ -279,6 +279,30 @@ def test_generate_rejects_bad_arguments(llama):
         sampler.generate(llama, [[1], []], max_new_tokens=4)
 
 
+def test_cuda_graph_needs_cuda(llama):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="CUDA"):
+        sampler.generate(llama, [[1, 2]], max_new_tokens=4, cuda_graph=True)
+
+
+def test_kv_cache_writes_each_row_at_its_position():
+    """update() puts row i's key/value at column pos[i] of that layer's tensor and nowhere else, and hands
+    back the first `width` columns of rows [0, b); copy_rows copies a row's first columns."""
+    cache = sampler.KVCache(layers=2, slots=3, kv_heads=2, length=6, head_dim=4, dtype=torch.float32, device="cpu")
+    k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    cache.pos, cache.width = torch.tensor([4, 1]), 5
+    kc, vc = cache.update(1, k, v)
+    assert kc.shape == (2, 2, 5, 4)
+    want_k, want_v = torch.zeros(3, 2, 6, 4), torch.zeros(3, 2, 6, 4)
+    for i, p in enumerate([4, 1]):  # the naive loop
+        want_k[i, :, p], want_v[i, :, p] = k[i, :, 0], v[i, :, 0]
+    assert torch.equal(cache.k[1], want_k) and torch.equal(cache.v[1], want_v)
+    assert not cache.k[0].any() and not cache.v[0].any()  # the other layer untouched
+    cache.copy_rows(2, 0, 5)
+    assert torch.equal(cache.k[1][2, :, :5], want_k[0, :, :5]) and torch.equal(cache.v[1][2], want_v[0])
+
+
 def test_progress_bar(llama, llama_tokenizer, capsys):
     sampler.generate(llama, encode(llama_tokenizer), n=2, max_new_tokens=4, progress=True)
     err = capsys.readouterr().err
