@@ -185,7 +185,10 @@ class RewardModel:
         attention_mask = (torch.arange(T)[None] < lengths[:, None]).long()  # [B, T], 1 = token
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         if self.backend == "rlmt":
-            per_token = self.model(input_ids, attention_mask)  # [B, T]
+            # Right padding comes after every real token, so plain causal attention never lets a real token
+            # see it and positions count from 0 as they would alone: no mask needed, and without one
+            # attention runs the flash kernel instead of the masked one.
+            per_token = self.model(input_ids)  # [B, T]
             return per_token[torch.arange(len(rows), device=device), last_token_index(attention_mask)]
         saved = self.model.config.pad_token_id
         self.model.config.pad_token_id = pad
