@@ -15,7 +15,8 @@ def _naive(hidden, weight, targets, temperature):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk_size", [1, 7, 1024])
-def test_chunked_equals_naive(temperature, chunk_size):
+@pytest.mark.parametrize("with_entropy", [True, False])  # the closed-form backward has a branch for each
+def test_chunked_equals_naive(temperature, chunk_size, with_entropy):
     g = torch.Generator().manual_seed(0)
     B, T, D, V = 3, 11, 16, 50
     # scaled so log-probs stay near ln(1/V) ≈ -4: a 1e-6 bound is then above fp32's resolution
@@ -24,12 +25,16 @@ def test_chunked_equals_naive(temperature, chunk_size):
     targets = torch.randint(0, V, (B, T), generator=g)
     coef = torch.randn(B, T, generator=g, dtype=torch.float32)  # an arbitrary downstream loss
     results = []
-    for fn in (_naive, lambda h, w, t, temp: token_logprobs(h, w, t, temp, True, chunk_size)):
+    for fn in (_naive, lambda h, w, t, temp: token_logprobs(h, w, t, temp, with_entropy, chunk_size)):
         h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
         logp, ent = fn(h, w, targets, temperature)
-        ((logp * coef).sum() + (ent * coef).sum() * 0.5).backward()
-        results.append((logp, ent, h.grad, w.grad))
+        loss = (logp * coef).sum() + ((ent * coef).sum() * 0.5 if with_entropy else 0)
+        loss.backward()
+        results.append((logp, ent if with_entropy else None, h.grad, w.grad))
     for a, b in zip(*results):  # 1e-6 relative to the size of the value: a few fp32 ulps
+        if a is None:
+            assert b is None
+            continue
         assert ((a - b).abs() / b.abs().clamp(min=1)).max() < 1e-6
 
 
@@ -46,6 +51,24 @@ def test_float32_math_on_bf16_weights():
     assert (logp - want).abs().max() < 1e-5
     in_bf16 = torch.log_softmax((h @ w.T) / 0.7, -1).gather(-1, t[..., None]).squeeze(-1)
     assert (in_bf16.float() - want).abs().max() > 1e-3  # what a bf16 log-softmax would have lost
+
+
+def test_bf16_gradients():
+    """The closed-form backward hands bf16 weights a bf16 gradient, as autograd through the naive path does."""
+    g = torch.Generator().manual_seed(3)
+    h0 = (torch.randn(2, 6, 8, generator=g) * 0.5).bfloat16()
+    w0 = (torch.randn(40, 8, generator=g) * 0.5).bfloat16()
+    t = torch.randint(0, 40, (2, 6), generator=g)
+    coef = torch.randn(2, 6, generator=g)
+    grads = []
+    for fn in (_naive, lambda h, w, t, temp: token_logprobs(h, w, t, temp, True, 5)):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        logp, ent = fn(h, w, t, 0.7)
+        ((logp * coef).sum() + (ent * coef).sum() * 0.5).backward()
+        grads.append((h.grad, w.grad))
+    for a, b in zip(*grads):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2)
 
 
 def test_no_grad_path_and_negative_targets():
