@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 8 train_ppo.py --model llama-3.1-8b-instruct --template think --strict \
         --reward-model skywork-reward-llama-3.1-8b-v0.2 --data prompts.jsonl --lr 3e-7 --out runs/ppo
-    python train_ppo.py --demo           # a tiny model on the CPU, no network, about a minute
+    python train_ppo.py --demo           # a tiny model on the CPU, no network, ~2 minutes
 
 One step (Bhaskar, Ye & Chen 2025, §2; PPO: Schulman et al. 2017; GAE: Schulman et al. 2016):
   1. P prompts (split across ranks) × 1 sample each from the current policy at T 0.7; the reward model
@@ -154,7 +154,7 @@ for step in bar:
 
     # train: per mini-batch one actor and one critic step, each loss normalized by the mini-batch's global count
     stats, grad_norms, critic_grad_norms, value_loss = [], [], [], 0.0
-    for epoch in range(args.ppo_epochs):
+    for _ in range(args.ppo_epochs):
         for k in range(args.mini_batches):
             # Strided rows: mini-batch k holds the same samples whatever the number of ranks (a rank's rows
             # are a contiguous slice of the step's, and each rank's row count is a multiple of --mini-batches).

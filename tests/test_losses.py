@@ -503,7 +503,8 @@ def test_whitening_over_ranks_reduces_sums_not_means():
 
 def test_explained_variance_hand():
     # R = [1, 2, 3] on the mask (100 on padding): Var[R] = 1 (unbiased).
-    # V = R -> 1;  V = 2 (the mean) -> Var[R − V] = Var[R] -> 0;  V = [3, 2, 1] -> R − V = [−2, 0, 2], Var 4 -> −3
+    # V = R -> 1;  V = 2 (the mean) -> Var[R − V] = Var[R] -> 0;
+    # V = [3, 2, 1] -> R − V = [−2, 0, 2], Var 4 -> 1 − 4 = −3
     ret, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1, 1, 1, 0]])
     torch.testing.assert_close(L.explained_variance(ret, ret, mask), torch.tensor(1.0))
     torch.testing.assert_close(L.explained_variance(torch.full((1, 4), 2.0), ret, mask), torch.tensor(0.0))

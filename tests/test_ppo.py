@@ -86,7 +86,8 @@ def test_fsdp_two_ranks_equal_one_process(one, llama_dir, llama_rm_dir, prompts,
 def test_resume_equals_uninterrupted(one, llama_dir, llama_rm_dir, prompts, tmp_path):
     part = str(tmp_path / "part")
     run(*tiny_args(llama_dir, llama_rm_dir, prompts, part, "--steps", 1, *FULL))
-    run(*tiny_args(llama_dir, llama_rm_dir, prompts, part, "--steps", 2, *FULL, "--resume", os.path.join(part, "state")))
+    run(*tiny_args(llama_dir, llama_rm_dir, prompts, part, "--steps", 2, *FULL,
+                   "--resume", os.path.join(part, "state")))
     a, b = metrics(one), metrics(part)
     assert [m["step"] for m in b] == [1, 2]
     for x, y in zip(a, b):
@@ -124,7 +125,8 @@ def test_bad_flags_get_clear_messages(llama_dir, llama_rm_dir, qwen_rm_dir, prom
     out = str(tmp_path / "bad")
     r = run(*tiny_args(llama_dir, llama_rm_dir, prompts, out, "--mini-batches", 3), check=False)
     assert r.returncode != 0 and "= 4 rows, not divisible by --mini-batches 3" in r.stderr
-    r = run(*tiny_args(llama_dir, llama_rm_dir, prompts, out, "--mini-batches", 2, "--micro-batch-size", 4), check=False)
+    r = run(*tiny_args(llama_dir, llama_rm_dir, prompts, out, "--mini-batches", 2, "--micro-batch-size", 4),
+            check=False)
     assert r.returncode != 0 and "4 rows in 2 mini-batches of 2, not divisible by --micro-batch-size 4" in r.stderr
     r = run(*tiny_args(llama_dir, llama_rm_dir, prompts, out, "--ppo-epochs", 0), check=False)
     assert r.returncode != 0 and "--ppo-epochs and --mini-batches must be at least 1" in r.stderr
@@ -136,7 +138,7 @@ def test_bad_flags_get_clear_messages(llama_dir, llama_rm_dir, qwen_rm_dir, prom
 
 
 def test_demo_learns_and_the_critic_explains_variance(tmp_path):
-    """The README's demo, shortened: reward up, and the critic's explained variance > 0 by the end."""
+    """`python train_ppo.py --demo`, shortened: reward up; the critic's explained variance from ~0 to > 0."""
     out = str(tmp_path / "demo")
     run("--demo", "--out", out, "--steps", 10, "--eval-every", 0)
     rows = metrics(out)
