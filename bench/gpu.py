@@ -11,7 +11,8 @@ Sections (--only, run in the order given after the ceilings), each result also a
   decode  rlmt.sampler.generate: --batches prompts of --prompt-len random ids, one sample each, exactly
           --new-tokens tokens (ignore_eos) at T 0.7, for the Llama-3.2-1B and -3.1-8B shapes. Variants:
           eager; graph (the eager step captured in a CUDA graph); compile (torch.compile, static shapes);
-          compile+graph; hf (transformers.generate, default dynamic cache, sdpa, same weights). Roofline:
+          compile+graph; hf (transformers.generate, default dynamic cache, sdpa, same weights); a suffix
+          @K reads the tokens back every K steps (sync_every; default 16 on a GPU). Roofline:
           prefill FLOPs / matmul rate + Σ over decode steps (weights + the KV cache read so far) / copy
           bandwidth, as new tokens per second.
   train   one GRPO micro-step of the 1B shape: sequence_logprobs with entropy (chunked fp32 log-probs) on
@@ -272,9 +273,10 @@ def section_decode(rep, args, device, dtype, bw, mm, batches, variants):
                                           temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=new,
                                           min_new_tokens=new, eos_token_id=None, pad_token_id=0)
                         return out[:, ids.shape[1]:].tolist()
+                    kind, _, every = variant.partition("@")  # "graph@1": read tokens back every step
                     samples = sampler.generate(model, prompts, max_new_tokens=new, temperature=0.7, seed=1,
-                                               batch_size=batch, ignore_eos=True,
-                                               compile="compile" in variant, cuda_graph="graph" in variant)
+                                               batch_size=batch, ignore_eos=True, compile="compile" in kind,
+                                               cuda_graph="graph" in kind, sync_every=int(every) if every else None)
                     return [s["tokens"] for s in samples]
 
                 def measure(variant=variant, run=run):
@@ -408,7 +410,8 @@ def main():
     p.add_argument("--models", default="1b,8b", help="decode: model shapes (1b, 8b)")
     p.add_argument("--batches", default="64,1,256", help="decode: batch sizes, in the order measured")
     p.add_argument("--variants", default="eager,graph,compile+graph,compile,hf",
-                   help="decode: eager, graph, compile, compile+graph, hf (transformers.generate)")
+                   help="decode: eager, graph, compile, compile+graph, hf (transformers.generate); "
+                        "a suffix @K sets sync_every, e.g. graph@1")
     p.add_argument("--prompt-len", type=int, default=512, help="decode: prompt tokens")
     p.add_argument("--new-tokens", type=int, default=512, help="decode: new tokens per row")
     p.add_argument("--train-model", default="1b", help="train: model shape")
@@ -463,6 +466,7 @@ def main():
         if name == "decode" and spec:  # decode:BATCHES[:VARIANTS] overrides --batches / --variants
             batches = [int(b) for b in spec[0].split(",")] if not args.dry_run else args.batches
             variants = spec[1].split(",") if len(spec) > 1 else args.variants
+            variants = [v for v in variants if not (args.dry_run and "graph" in v)]
             section_decode(rep, args, device, dtype, bw, mm, batches, variants)
         else:
             sections[name]()

@@ -82,6 +82,11 @@ class PromptKV:
         return k, v
 
 
+# Prompt tokens per prefill forward: its keys and values wait in a PromptKV until copied into slots, so
+# prefilling 256 prompts of 512 tokens at once ran an 8B model out of an H100's 80 GB (bench/gpu.py).
+PREFILL_TOKENS = 32768
+
+
 def decode_one_token(model, cache, tok, pos):
     """tok, pos [b] long: each row's last token and its position (= the cache column it is written to)
     -> logits [b, V] fp32. Each row attends to columns 0..pos of its own cache row."""
@@ -127,7 +132,8 @@ def sample(logits, u=None, temperature=1.0, top_p=1.0, top_k=0):
     return tok.squeeze(-1), (z.gather(-1, tok) - lse).squeeze(-1)
 
 
-def _check(prompts, n, max_new_tokens, temperature, top_p, top_k, batch_size, stop_strings, tokenizer, seed):
+def _check(prompts, n, max_new_tokens, temperature, top_p, top_k, batch_size, sync_every, stop_strings, tokenizer,
+           seed):
     problems = [
         (isinstance(seed, (list, tuple)) and len(seed) != len(prompts),
          f"seed: one per prompt, or one int; got {len(seed) if isinstance(seed, (list, tuple)) else 0} seeds for "
@@ -138,6 +144,7 @@ def _check(prompts, n, max_new_tokens, temperature, top_p, top_k, batch_size, st
         (not 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
         (top_k < 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
         (batch_size < 1, f"batch_size must be at least 1, got {batch_size}"),
+        (sync_every is not None and sync_every < 1, f"sync_every must be at least 1, got {sync_every}"),
         (bool(stop_strings) and tokenizer is None, "stop_strings need the tokenizer (tokenizer=...)"),
         (any(len(p) == 0 for p in prompts), "every prompt needs at least one token"),
     ]
@@ -148,7 +155,7 @@ def _check(prompts, n, max_new_tokens, temperature, top_p, top_k, batch_size, st
 
 def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0, top_k=0, stop_ids=(),
              stop_strings=None, tokenizer=None, seed=0, batch_size=64, ignore_eos=False, compile=False,
-             cuda_graph=None, progress=False):
+             cuda_graph=None, sync_every=None, progress=False):
     """Sample `n` responses to each prompt.
 
     prompts: P lists of token ids. stop_ids: ids that end a sample (EOS and end-of-turn tokens,
@@ -167,6 +174,10 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
     4.9 ms a step for a 1B model, 81 -> 14 ms for an 8B; bench/gpu.py). Static shapes as with compile.
     None: on whenever it can be, a CUDA device and a model that is not FSDP-sharded (FSDP's hooks
     cannot be captured).
+    sync_every: decode steps between reads of the new tokens by the host. A read makes a GPU wait while
+    the host books the step (stops, refills), so a GPU reads every 16 steps and a finished row idles
+    at most 15 steps before its slot is refilled; the CPU reads every step (None picks these). The
+    samples are the same whatever the value.
     An FSDP2 model is unsharded once for the call (rlmt.dist.unsharded).
     Every sampling field is an argument; a checkpoint's generation_config is never read.
 
@@ -177,7 +188,8 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
       finish_reason "stop" (a stop id or string) or "length" (max_new_tokens reached, no stop token)
     The mask of DESIGN.md is 1 on exactly these L tokens; to_batch builds it from the lengths."""
     prompts = [list(p) for p in prompts]
-    _check(prompts, n, max_new_tokens, temperature, top_p, top_k, batch_size, stop_strings, tokenizer, seed)
+    _check(prompts, n, max_new_tokens, temperature, top_p, top_k, batch_size, sync_every, stop_strings, tokenizer,
+           seed)
     per_prompt = isinstance(seed, (list, tuple))
     N = len(prompts) * n
     if N == 0:
@@ -200,6 +212,8 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
             cuda_graph = device.type == "cuda" and not dist.is_sharded(model)
         static = compile or cuda_graph  # every slot decoded each step, over the whole cache width
         bucket = 256 if device.type == "cuda" else 1
+        if sync_every is None:
+            sync_every = 16 if device.type == "cuda" else 1
         if cuda_graph:
             step = _GraphedStep(step, model, cache, slots, device)
 
@@ -219,9 +233,9 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
                 ready[p] = (kv, row, last[row])
 
         def record(rows, tok, lp):
-            """Append each row's new token; free the rows whose sample just ended."""
+            """Append each row's new token (lists of ints / floats); free the rows whose sample just ended."""
             added = ended = 0
-            for s, t, l in zip(rows, tok.tolist(), lp.tolist()):
+            for s, t, l in zip(rows, tok, lp):
                 j = owner[s]
                 if j < 0:
                     continue
@@ -239,21 +253,26 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
             free = [s for s in range(slots) if owner[s] < 0][:len(pending)]
             take = [pending.popleft() for _ in free]
             new = sorted({j // n for j in take} - ready.keys())
-            if new:
-                prefill(new)
+            rows = max(1, PREFILL_TOKENS // max((len(prompts[p]) for p in new), default=1))
+            first = []
             for s, j in zip(free, take):
-                kv, row, _ = ready[j // n]
-                L = len(prompts[j // n])
+                p = j // n
+                if p not in ready:  # the next `rows` new prompts in one forward; earlier ones are copied by now
+                    i = new.index(p)
+                    prefill(new[i:i + rows])
+                kv, row, last = ready[p]
+                L = len(prompts[p])
                 cache.copy_rows(s, row, L, kv.k, kv.v)
                 owner[s], pos[s] = j, L - 1  # record() moves it to L, the first token's column
                 if temperature > 0:  # the sample's own uniforms, one for each token it may draw
-                    g = _generator(keys[j // n] + (j % n,), device)
+                    g = _generator(keys[p] + (j % n,), device)
                     draws[s] = torch.rand(max_new_tokens, generator=g, device=device)
-            first = torch.stack([ready[j // n][2] for j in take])
-            for j in take:
-                if j % n == n - 1:  # the prompt's last sample has a slot: drop its prefill
-                    ready.pop(j // n)
-            record(free, *sample(first, draws[free, 0], temperature, top_p, top_k))
+                first.append(last)
+                if j % n == n - 1:  # the prompt's last sample has a slot: free its prefill
+                    ready.pop(p)
+            first = torch.stack(first)
+            tok, lp = sample(first, draws[free, 0], temperature, top_p, top_k)
+            record(free, tok.tolist(), lp.tolist())
 
         def pack():
             """Nothing pending (eager path): move live rows into the free slots below them, so the
@@ -277,14 +296,24 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
                 pack()
             if not any(o >= 0 for o in owner[:live]):
                 break
+            # k decode steps before the host reads the tokens back: a GPU idles at every read while the host
+            # books the step, so it reads once per window, books the k steps in order and drops whatever a
+            # row drew after its sample ended (positions and draw counts are clamped for such rows)
+            k = min(sync_every, max(max_new_tokens - len(tokens[j]) for j in owner[:live] if j >= 0))
             # eager: attend up to the longest live row, in steps of `bucket` columns on a GPU, where each
             # new width costs a fresh attention set-up (~70 ms a step on an H200 when it changed every step)
-            cache.width = S if static else min(S, -(-(max(pos[:live]) + 1) // bucket) * bucket)
-            logits = step(model, cache, torch.tensor(cur[:live], device=device),
-                          torch.tensor(pos[:live], device=device))
-            drawn = torch.tensor([len(tokens[j]) if j >= 0 else 0 for j in owner[:live]], device=device)
-            u = draws[:live].gather(1, drawn[:, None]).squeeze(1)  # each row's next uniform
-            record(range(live), *sample(logits, u, temperature, top_p, top_k))
+            cache.width = S if static else min(S, -(-(max(pos[:live]) + k) // bucket) * bucket)
+            drawn = [len(tokens[j]) if j >= 0 else 0 for j in owner[:live]]
+            tok, at, drawn = torch.tensor([cur[:live], pos[:live], drawn], device=device)
+            drew = []
+            for _ in range(k):
+                u = draws[:live].gather(1, drawn[:, None]).squeeze(1)  # each row's next uniform
+                tok, lp = sample(step(model, cache, tok, at), u, temperature, top_p, top_k)
+                drew.append((tok, lp))
+                at, drawn = (at + 1).clamp_(max=S - 1), (drawn + 1).clamp_(max=max_new_tokens - 1)
+            toks, lps = (torch.stack(x, 1).tolist() for x in zip(*drew))  # [live, k] each
+            for i in range(k):
+                record(range(live), [t[i] for t in toks], [x[i] for x in lps])
         if bar is not None:
             bar.close()
     return [{"prompt_index": j // n, "sample_index": j % n, "tokens": tokens[j],

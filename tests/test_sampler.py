@@ -228,6 +228,40 @@ def test_stop_strings(llama, llama_tokenizer):
     assert got[0]["finish_reason"] == "stop" and len(got[0]["tokens"]) <= 7
 
 
+def test_reading_tokens_back_every_k_steps_changes_nothing(llama, llama_tokenizer):
+    """sync_every > 1 (the GPU default) decodes k steps before the host books them: rows that stop (ids,
+    strings, length) inside a window draw a few tokens more, which must be dropped; refills come later."""
+    prompts = encode(llama_tokenizer, 4)
+    kw = dict(n=3, max_new_tokens=13, temperature=1.0, top_p=0.9, stop_ids=common_tokens(llama, prompts, k=6),
+              batch_size=5, seed=7)
+    free = sampler.generate(llama, prompts, **kw)
+    kw.update(stop_strings=[llama_tokenizer.decode(free[4]["tokens"][5:7])], tokenizer=llama_tokenizer)
+    every = sampler.generate(llama, prompts, sync_every=1, **kw)
+    assert len(every[4]["tokens"]) <= 7 < len(free[4]["tokens"])  # a stop string ended it
+    assert {s["finish_reason"] for s in every} == {"stop", "length"} and len({len(s["tokens"]) for s in every}) > 3
+    for k in (4, 13, 50):
+        got = sampler.generate(llama, prompts, sync_every=k, **kw)
+        assert [s["tokens"] for s in got] == [s["tokens"] for s in every]
+        assert [s["finish_reason"] for s in got] == [s["finish_reason"] for s in every]
+        assert all(torch.allclose(a["logprobs"], b["logprobs"], atol=1e-5) for a, b in zip(got, every))
+
+
+def test_prefill_in_chunks_changes_nothing(llama, llama_tokenizer, monkeypatch):
+    prompts = encode(llama_tokenizer, 4)
+    kw = dict(n=2, max_new_tokens=6, temperature=1.0, batch_size=7, seed=3)
+    whole = sampler.generate(llama, prompts, **kw)
+    forwards = []  # rows of each prefill forward
+    hook = llama.register_forward_pre_hook(lambda m, a: forwards.append(len(a[0])) if a[0].shape[1] > 1 else None)
+    monkeypatch.setattr(sampler, "PREFILL_TOKENS", max(map(len, prompts)) * 2)  # two prompts a forward
+    try:
+        chunked = sampler.generate(llama, prompts, **kw)
+    finally:
+        hook.remove()
+    assert forwards == [2, 2]  # 7 slots: prompts 0-3 start at once (the last one's second sample later)
+    assert [s["tokens"] for s in chunked] == [s["tokens"] for s in whole]
+    assert all(torch.allclose(a["logprobs"], b["logprobs"], atol=1e-5) for a, b in zip(chunked, whole))
+
+
 def test_stop_on_first_token_and_one_new_token(llama, llama_tokenizer):
     prompts = encode(llama_tokenizer)
     first = [naive_greedy(llama, p, 1)[0] for p in prompts]
@@ -271,7 +305,7 @@ def test_sample_truncation_and_frequencies():
 
 def test_generate_rejects_bad_arguments(llama):
     for kw, match in [({"n": 0}, "n must be"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
-                      ({"top_k": -1}, "top_k"), ({"batch_size": 0}, "batch_size"),
+                      ({"top_k": -1}, "top_k"), ({"batch_size": 0}, "batch_size"), ({"sync_every": 0}, "sync_every"),
                       ({"stop_strings": ["x"]}, "tokenizer"), ({"max_new_tokens": 0}, "max_new_tokens")]:
         with pytest.raises(ValueError, match=match):
             sampler.generate(llama, [[1, 2]], **{"max_new_tokens": 4, **kw})
