@@ -1,7 +1,9 @@
 """Shared fixtures: tiny tokenizers and random checkpoints of both families, built once per test session
 as real HF folders (no network), then loaded by the tests through rlmt's own loading code."""
 
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -12,8 +14,33 @@ from rlmt import tiny  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script, *args, nproc=1, env=None, check=True):
+    """`python SCRIPT ARGS` from the repo root, or under torchrun with `nproc` processes (gloo on the CPU),
+    one thread each. check: an exit code other than 0 fails with the end of both streams."""
+    launch = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    r = subprocess.run([*launch, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
 SHARED_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "rlmt-wildchat-if",
                               "train.jsonl")
+
+
+@pytest.fixture(scope="session")
+def rl_prompts(tmp_path_factory):
+    """Eight short user turns as a prompts JSONL file, for the RL trainers' end-to-end runs."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    qs = ["why is the sky blue", "name three colors", "write a poem", "a dog and a cat", "plan a day",
+          "explain light", "the river", "one two three"]
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in qs))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from rlmt import chat, data, losses, model as M, pairs, reward
+from conftest import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REWARDS = '''
 def length(prompts, answers):
     return [float(len(a)) for a in answers]
@@ -23,15 +21,8 @@ def constant(prompts, answers):
 '''
 
 
-def run(*args, env=None, check=True, torchrun=False):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
-        if torchrun else [sys.executable]
-    cmd = [*launcher, os.path.join(ROOT, "train_dpo.py"), *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    if check and r.returncode != 0:
-        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
+def run(*args, **kw):
+    return run_script("train_dpo.py", *args, **kw)
 
 
 def read_jsonl(path):
@@ -253,7 +244,7 @@ def test_resume_equals_uninterrupted(trained, built, llama_dir, tmp_path):
 def test_fsdp_two_ranks_equal_one_process(trained, built, llama_dir, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, FSDP2) == one process, same global batch, over six steps."""
     two = str(tmp_path / "two")
-    r = run(*train_args(llama_dir, built[0], two), torchrun=True, check=False)
+    r = run(*train_args(llama_dir, built[0], two), nproc=2, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = read_jsonl(os.path.join(trained, "metrics.jsonl")), read_jsonl(os.path.join(two, "metrics.jsonl"))
     assert len(a) == len(b) == 6

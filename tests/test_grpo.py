@@ -2,31 +2,15 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_script
 
 
-def run(*args, env=None, check=True):
-    cmd = [sys.executable, os.path.join(ROOT, "train_grpo.py"), *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    if check and r.returncode != 0:
-        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("grpo") / "prompts.jsonl"
-    qs = ["why is the sky blue", "name three colors", "write a poem", "a dog and a cat", "plan a day",
-          "explain light", "the river", "one two three"]
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in qs))
-    return str(path)
+def run(*args, **kw):
+    return run_script("train_grpo.py", *args, **kw)
 
 
 def tiny_args(model, rm, data, out, *extra):
@@ -40,9 +24,9 @@ def metrics(out):
         return [json.loads(line) for line in f]
 
 
-def test_runs_exports_and_logs(llama_dir, llama_rm_dir, prompts, tmp_path):
+def test_runs_exports_and_logs(llama_dir, llama_rm_dir, rl_prompts, tmp_path):
     out = str(tmp_path / "run")
-    r = run(*tiny_args(llama_dir, llama_rm_dir, prompts, out, "--steps", 3))
+    r = run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--steps", 3))
     rows = metrics(out)
     assert [m["step"] for m in rows] == [1, 2, 3]
     for key in ("reward_mean", "reward_std", "format_rate", "response_len", "thought_len", "kl", "entropy",
@@ -63,11 +47,11 @@ def test_runs_exports_and_logs(llama_dir, llama_rm_dir, prompts, tmp_path):
     assert not torch.equal(start.model.layers[0].mlp.up_proj.weight, ours.model.layers[0].mlp.up_proj.weight)
 
 
-def test_resume_equals_uninterrupted(llama_dir, llama_rm_dir, prompts, tmp_path):
+def test_resume_equals_uninterrupted(llama_dir, llama_rm_dir, rl_prompts, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    run(*tiny_args(llama_dir, llama_rm_dir, prompts, full, "--steps", 4))
-    run(*tiny_args(llama_dir, llama_rm_dir, prompts, part, "--steps", 2))
-    run(*tiny_args(llama_dir, llama_rm_dir, prompts, part, "--steps", 4, "--resume", os.path.join(part, "state")))
+    run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, full, "--steps", 4))
+    run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, part, "--steps", 2))
+    run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, part, "--steps", 4, "--resume", os.path.join(part, "state")))
     a, b = metrics(full), metrics(part)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
@@ -79,24 +63,24 @@ def test_resume_equals_uninterrupted(llama_dir, llama_rm_dir, prompts, tmp_path)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
 
 
-def test_bad_input_gets_clear_messages(llama_dir, llama_rm_dir, prompts, tmp_path):
+def test_bad_input_gets_clear_messages(llama_dir, llama_rm_dir, rl_prompts, tmp_path):
     out = str(tmp_path / "bad")
-    r = run(*tiny_args(llama_dir, llama_rm_dir, prompts, out, "--micro-batch-size", 3), check=False)
+    r = run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--micro-batch-size", 3), check=False)
     assert r.returncode != 0 and "not divisible by --micro-batch-size 3" in r.stderr
-    r = run(*tiny_args(llama_dir, llama_rm_dir, prompts, out, "--prompts-per-step", 3), check=False,
+    r = run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--prompts-per-step", 3), check=False,
             env={"WORLD_SIZE": "2"})
     assert r.returncode != 0 and "--prompts-per-step 3 must be divisible by the number of ranks 2" in r.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": oops}\n')
     r = run(*tiny_args(llama_dir, llama_rm_dir, str(bad), out), check=False)
     assert r.returncode != 0 and f"{bad}:2: invalid JSON" in r.stderr and "Traceback" not in r.stderr
-    r = run("--model", llama_dir, "--data", prompts, check=False)
+    r = run("--model", llama_dir, "--data", rl_prompts, check=False)
     assert r.returncode != 0 and "give --reward-model, --reward-fn, or both" in r.stderr
-    r = run(*tiny_args(llama_dir, llama_rm_dir, prompts, out, "--resume", str(tmp_path)), check=False)
+    r = run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--resume", str(tmp_path)), check=False)
     assert r.returncode != 0 and "no trainer_state.json" in r.stderr and "Traceback" not in r.stderr
-    r = run(*tiny_args(str(tmp_path / "no-model"), llama_rm_dir, prompts, out), check=False)
+    r = run(*tiny_args(str(tmp_path / "no-model"), llama_rm_dir, rl_prompts, out), check=False)
     assert r.returncode != 0 and "no such folder" in r.stderr and "Traceback" not in r.stderr
-    r = run(*tiny_args(llama_dir, llama_rm_dir, prompts, out, "--template", "zero", "--temperature", 0), check=False)
+    r = run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--template", "zero", "--temperature", 0), check=False)
     assert r.returncode != 0 and "--temperature must be > 0" in r.stderr
 
 
@@ -110,17 +94,13 @@ def test_demo_learns_the_format(tmp_path):
     assert rows[-1]["format_rate"] == rows[-1]["reward_mean"]
 
 
-def test_fsdp_two_ranks_equal_one_process(llama_dir, llama_rm_dir, prompts, tmp_path):
+def test_fsdp_two_ranks_equal_one_process(llama_dir, llama_rm_dir, rl_prompts, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, FSDP2) == one process, same global batch, after two steps.
     Sampling is keyed by (seed, step, global sample index), so both runs draw the same rollouts."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    common = tiny_args(llama_dir, llama_rm_dir, prompts, "X", "--steps", 2)  # "X": the output folder
+    common = tiny_args(llama_dir, llama_rm_dir, rl_prompts, "X", "--steps", 2)  # "X": the output folder
     run(*[one if a == "X" else a for a in common])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "train_grpo.py"), *[str(two if a == "X" else a) for a in common]]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    run(*[two if a == "X" else a for a in common], nproc=2)
     a, b = metrics(one), metrics(two)
     for x, y in zip(a, b):
         for k in ("reward_mean", "response_len", "kl", "grad_norm"):

@@ -4,33 +4,15 @@ GAE, last-token rewards, whitening and the value loss are tested against hand ar
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_script
 
 
-def run(*args, env=None, check=True, nproc=1):
-    script = os.path.join(ROOT, "train_ppo.py")
-    launch = [sys.executable] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    r = subprocess.run([*launch, script, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    if check and r.returncode != 0:
-        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ppo") / "prompts.jsonl"
-    qs = ["why is the sky blue", "name three colors", "write a poem", "a dog and a cat", "plan a day",
-          "explain light", "the river", "one two three"]
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in qs))
-    return str(path)
+def run(*args, **kw):
+    return run_script("train_ppo.py", *args, **kw)
 
 
 def tiny_args(model, rm, data, out, *extra):
@@ -60,19 +42,19 @@ def max_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def one(llama_dir, llama_rm_dir, prompts, tmp_path_factory):
+def one(llama_dir, llama_rm_dir, rl_prompts, tmp_path_factory):
     """Two steps of the FULL configuration in one process: the reference for the next two tests."""
     out = str(tmp_path_factory.mktemp("ppo-one") / "run")
-    run(*tiny_args(llama_dir, llama_rm_dir, prompts, out, "--steps", 2, *FULL))
+    run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--steps", 2, *FULL))
     return out
 
 
-def test_fsdp_two_ranks_equal_one_process(one, llama_dir, llama_rm_dir, prompts, tmp_path):
+def test_fsdp_two_ranks_equal_one_process(one, llama_dir, llama_rm_dir, rl_prompts, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, FSDP2) == one process after two steps. Sampling is keyed by the
     global sample index, whitening and explained variance use all-reduced sums, mini-batches are strided
     so that they hold the same samples, and every loss is normalized by the global count."""
     two = str(tmp_path / "two")
-    run(*tiny_args(llama_dir, llama_rm_dir, prompts, two, "--steps", 2, *FULL), nproc=2)
+    run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, two, "--steps", 2, *FULL), nproc=2)
     a, b = metrics(one), metrics(two)
     assert [m["step"] for m in b] == [1, 2]
     for x, y in zip(a, b):
@@ -83,10 +65,10 @@ def test_fsdp_two_ranks_equal_one_process(one, llama_dir, llama_rm_dir, prompts,
     assert max_diff(weights(one, "critic"), weights(two, "critic")) < 1e-5
 
 
-def test_resume_equals_uninterrupted(one, llama_dir, llama_rm_dir, prompts, tmp_path):
+def test_resume_equals_uninterrupted(one, llama_dir, llama_rm_dir, rl_prompts, tmp_path):
     part = str(tmp_path / "part")
-    run(*tiny_args(llama_dir, llama_rm_dir, prompts, part, "--steps", 1, *FULL))
-    run(*tiny_args(llama_dir, llama_rm_dir, prompts, part, "--steps", 2, *FULL,
+    run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, part, "--steps", 1, *FULL))
+    run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, part, "--steps", 2, *FULL,
                    "--resume", os.path.join(part, "state")))
     a, b = metrics(one), metrics(part)
     assert [m["step"] for m in b] == [1, 2]
@@ -98,12 +80,12 @@ def test_resume_equals_uninterrupted(one, llama_dir, llama_rm_dir, prompts, tmp_
     assert max_diff(weights(one, "critic"), weights(part, "critic")) < 1e-6
 
 
-def test_paper_settings_are_on_policy_and_export(llama_dir, llama_rm_dir, prompts, tmp_path):
+def test_paper_settings_are_on_policy_and_export(llama_dir, llama_rm_dir, rl_prompts, tmp_path):
     """One update per rollout, no KL (no reference model): the ratio is exactly 1 and neither the policy
     clip nor the value clip is active. The critic starts from the reward model here (same tokenizer); the
     exported critic is a sequence classifier that transformers loads."""
     out = str(tmp_path / "paper")
-    r = run(*tiny_args(llama_dir, llama_rm_dir, prompts, out, "--steps", 1, "--critic-init", "reward"))
+    r = run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--steps", 1, "--critic-init", "reward"))
     m = metrics(out)[0]
     for key in ("reward_mean", "format_rate", "response_len", "entropy", "clip_frac", "grad_norm", "lr",
                 "value_loss", "value_clip_frac", "explained_variance", "value_mean", "adv_mean", "critic_grad_norm",
@@ -121,19 +103,19 @@ def test_paper_settings_are_on_policy_and_export(llama_dir, llama_rm_dir, prompt
     assert rm.keys() == trained.keys() and not torch.equal(rm["score.weight"], trained["score.weight"])
 
 
-def test_bad_flags_get_clear_messages(llama_dir, llama_rm_dir, qwen_rm_dir, prompts, tmp_path):
+def test_bad_flags_get_clear_messages(llama_dir, llama_rm_dir, qwen_rm_dir, rl_prompts, tmp_path):
     out = str(tmp_path / "bad")
-    r = run(*tiny_args(llama_dir, llama_rm_dir, prompts, out, "--mini-batches", 3), check=False)
+    r = run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--mini-batches", 3), check=False)
     assert r.returncode != 0 and "= 4 rows, not divisible by --mini-batches 3" in r.stderr
-    r = run(*tiny_args(llama_dir, llama_rm_dir, prompts, out, "--mini-batches", 2, "--micro-batch-size", 4),
+    r = run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--mini-batches", 2, "--micro-batch-size", 4),
             check=False)
     assert r.returncode != 0 and "4 rows in 2 mini-batches of 2, not divisible by --micro-batch-size 4" in r.stderr
-    r = run(*tiny_args(llama_dir, llama_rm_dir, prompts, out, "--ppo-epochs", 0), check=False)
+    r = run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--ppo-epochs", 0), check=False)
     assert r.returncode != 0 and "--ppo-epochs and --mini-batches must be at least 1" in r.stderr
-    r = run("--model", llama_dir, "--reward-fn", "rlmt.demo:reward", "--data", prompts, "--critic-init", "reward",
+    r = run("--model", llama_dir, "--reward-fn", "rlmt.demo:reward", "--data", rl_prompts, "--critic-init", "reward",
             check=False)
     assert r.returncode != 0 and "--critic-init reward needs --reward-model" in r.stderr
-    r = run(*tiny_args(llama_dir, qwen_rm_dir, prompts, out, "--critic-init", "reward"), check=False)
+    r = run(*tiny_args(llama_dir, qwen_rm_dir, rl_prompts, out, "--critic-init", "reward"), check=False)
     assert r.returncode != 0 and "has another tokenizer" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -4,16 +4,14 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from rlmt import data, losses, model as M, optim
 from rlmt.logprobs import packed_logprobs, sequence_logprobs
+from conftest import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONV = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "name three colors"},
@@ -129,13 +127,8 @@ def test_cosine_lr():
 
 # ----------------------------------------------------------------------------- train_sft.py
 
-def run(*args, env=None, check=True):
-    cmd = [sys.executable, os.path.join(ROOT, "train_sft.py"), *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    if check and r.returncode != 0:
-        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
+def run(*args, **kw):
+    return run_script("train_sft.py", *args, **kw)
 
 
 def metrics(out):
@@ -185,11 +178,7 @@ def test_learns_resumes_packs_and_shards(llama_dir, sft_file, tmp_path):
     # torchrun, 2 ranks: packed rows differ in number between ranks (the lighter rank runs empty passes
     # to match the other's collectives); the same curve and weights as one process
     two = str(tmp_path / "two")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "train_sft.py"), *[str(two if x == pack else x) for x in packed]]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    run(*[two if x == pack else x for x in packed], nproc=2)
     d = metrics(two)
     assert any(m["rows"] != int(m["rows"]) for m in d)  # some step had unequal rows (a mean like 2.5)
     for x, y in zip(c, d):
