@@ -37,8 +37,10 @@ def init():
 
 
 def cleanup():
-    """Leave the process group (if any)."""
+    """Leave the process group (if any), once every rank is here: a gloo rank that tore its group down
+    while another was still in flight aborted ("terminate called without an active exception")."""
     if tdist.is_initialized():
+        tdist.barrier()
         tdist.destroy_process_group()
 
 

@@ -12,8 +12,10 @@ sample); the code is written anew:
   3. Each decode step feeds every live row its last token at the row's own position; the new key and
      value are scattered into that column, so no shape depends on where a row is.
   4. A row that stops (a stop id, a stop string, or max_new_tokens) hands its slot to the next pending
-     sample at once, so one 4,000-token thought does not idle the other rows. Once nothing is pending,
-     the eager path packs the live rows to the front and decodes only those.
+     sample, so one 4,000-token thought does not idle the other rows. Once nothing is pending, the
+     eager path packs the live rows to the front and decodes only those.
+  5. The host reads the new tokens and books stops and refills once every `sync_every` steps (every step
+     on the CPU, every 16 on a GPU, which would otherwise idle during each read).
 
 Randomness: each sample draws its uniforms from its own torch.Generator, seeded by (seed, prompt,
 sample), so a sample is the same whatever batch, slot or rank it runs in.
