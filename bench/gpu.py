@@ -441,7 +441,6 @@ def main():
         args.models, args.train_model, args.rm_model, args.grpo_model = ["tiny"], "tiny", "tiny", "tiny"
         args.batches, args.prompt_len, args.new_tokens, args.train_len = [2, 4], 16, 16, 64
         args.rm_rows, args.rm_len, args.grpo_prompts, args.grpo_new_tokens = 8, [16, 48], 2, 16
-        args.variants = [v for v in args.variants if "graph" not in v]  # CUDA graphs need a GPU
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if device.type != "cuda" and not args.dry_run:
         p.error("no GPU here; --dry-run checks the script on the CPU")
@@ -460,13 +459,12 @@ def main():
     bw, mm = section_ceilings(rep, device, args.dry_run)  # every other number is read against these
     sections = {"train": lambda: section_train(rep, args, device, dtype, mm),
                 "rm": lambda: section_rm(rep, args, device, dtype, mm),
-                "decode": lambda: section_decode(rep, args, device, dtype, bw, mm, args.batches, args.variants),
                 "grpo": lambda: section_grpo(rep, args, device, dtype)}
     for name, *spec in args.only:  # in the order given: the most wanted first, within the budget
-        if name == "decode" and spec:  # decode:BATCHES[:VARIANTS] overrides --batches / --variants
-            batches = [int(b) for b in spec[0].split(",")] if not args.dry_run else args.batches
+        if name == "decode":  # decode:BATCHES[:VARIANTS] overrides --batches / --variants
+            batches = [int(b) for b in spec[0].split(",")] if spec and not args.dry_run else args.batches
             variants = spec[1].split(",") if len(spec) > 1 else args.variants
-            variants = [v for v in variants if not (args.dry_run and "graph" in v)]
+            variants = [v for v in variants if not (args.dry_run and "graph" in v)]  # CUDA graphs need a GPU
             section_decode(rep, args, device, dtype, bw, mm, batches, variants)
         else:
             sections[name]()
