@@ -305,8 +305,8 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
             # eager: attend up to the longest live row, in steps of `bucket` columns on a GPU, where each
             # new width costs a fresh attention set-up (~70 ms a step on an H200 when it changed every step)
             cache.width = S if static else min(S, -(-(max(pos[:live]) + k) // bucket) * bucket)
-            drawn = [len(tokens[j]) if j >= 0 else 0 for j in owner[:live]]
-            tok, at, drawn = torch.tensor([cur[:live], pos[:live], drawn], device=device)
+            counts = [len(tokens[j]) if j >= 0 else 0 for j in owner[:live]]  # uniforms used so far
+            tok, at, drawn = torch.tensor([cur[:live], pos[:live], counts], device=device)
             drew = []
             for _ in range(k):
                 u = draws[:live].gather(1, drawn[:, None]).squeeze(1)  # each row's next uniform
