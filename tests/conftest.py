@@ -29,6 +29,28 @@ def run_script(script, *args, nproc=1, env=None, check=True):
     return r
 
 
+def assert_close_to_scale(actual, expected, rel=1e-5, msg=""):
+    """max |actual - expected| <= rel * max |expected|: the same math in another summation order (another
+    CPU's BLAS blocking, other shapes, other ranks). Each entry then moves by a few ulps of the tensor's
+    scale, not of its own size (an entry near 0 is a sum of larger terms that cancel), so an elementwise
+    rtol is the wrong measure. rel 1e-5 is ~84 fp32 ulps (eps 1.19e-7): room for a few layers of matmuls
+    and sums of ~100 terms, while a wrong mask, shift or normalization is off by 1e-2 or more."""
+    a = torch.as_tensor(actual, dtype=torch.float64)
+    e = torch.as_tensor(expected, dtype=torch.float64)
+    assert a.shape == e.shape, f"{msg}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    err, scale = (a - e).abs().max().item(), e.abs().max().item()
+    assert err <= rel * max(scale, 1e-30), f"{msg}: max |diff| {err:.3g} > {rel:g} x max |expected| {scale:.3g}"
+
+
+def assert_metrics_close(a, b, keys, rel):
+    """Two runs' metrics.jsonl rows, step by step: each key within `rel` of its size, or `rel` absolutely
+    for values near 0 (a KL of ~0 carries the rounding of the log-probs it is computed from, not its own)."""
+    assert [x["step"] for x in a] == [y["step"] for y in b]
+    for x, y in zip(a, b):
+        for k in keys:
+            assert x[k] == pytest.approx(y[k], rel=rel, abs=rel), (x["step"], k, x[k], y[k])
+
+
 SHARED_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "rlmt-wildchat-if",
                               "train.jsonl")
 

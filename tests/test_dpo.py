@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlmt import chat, data, losses, model as M, pairs, reward
-from conftest import run_script
+from conftest import assert_close_to_scale, assert_metrics_close, run_script
 
 REWARDS = '''
 def length(prompts, answers):
@@ -197,9 +197,9 @@ def test_precomputed_and_live_reference_agree(built, llama_dir, kind):
     assert torch.equal(again[0], live[0]) and all(torch.equal(a, b) for a, b in zip(again[1], live[1]))
     # grouped differently (one pair a forward): float rounding only
     precomputed = loss_and_grads(pre_lp, pre_n)
-    torch.testing.assert_close(precomputed[0], live[0], atol=1e-6, rtol=1e-6)
-    for a, b in zip(precomputed[1], live[1]):  # within 1e-5 of each tensor's largest entry
-        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item() + 1e-8, rtol=0)
+    assert_close_to_scale(precomputed[0], live[0], 1e-5, "loss")
+    for a, b in zip(precomputed[1], live[1]):
+        assert_close_to_scale(a, b, 1e-5, "gradient")
 
 
 # ----------------------------------------------------------------------------- train_dpo.py
@@ -236,9 +236,7 @@ def test_resume_equals_uninterrupted(trained, built, llama_dir, tmp_path):
     run(*train_args(llama_dir, built[0], part, "--resume", os.path.join(part, "state")))
     a, b = read_jsonl(os.path.join(trained, "metrics.jsonl")), read_jsonl(os.path.join(part, "metrics.jsonl"))
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
-    for x, y in zip(a, b):
-        for k in ("loss", "reward_margin", "grad_norm", "lr"):
-            assert x[k] == pytest.approx(y[k], abs=1e-6), (x["step"], k)
+    assert_metrics_close(a, b, ("loss", "reward_margin", "grad_norm", "lr"), rel=1e-6)  # resume replays the same computations: equal to the last bit, any CPU
 
 
 def test_fsdp_two_ranks_equal_one_process(trained, built, llama_dir, tmp_path):
@@ -248,14 +246,15 @@ def test_fsdp_two_ranks_equal_one_process(trained, built, llama_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = read_jsonl(os.path.join(trained, "metrics.jsonl")), read_jsonl(os.path.join(two, "metrics.jsonl"))
     assert len(a) == len(b) == 6
-    for x, y in zip(a, b):
-        for k in ("loss", "reward_margin", "reward_accuracy", "chosen_logp", "grad_norm"):
-            if k == "reward_accuracy" and x["step"] == 1:
-                continue  # h is float noise around 0 at step 1, so is the fraction with h > 0
-            assert x[k] == pytest.approx(y[k], abs=1e-5), (x["step"], k)
+    # chosen_logp is a sum of ~50 log-probs (~65): relative, not absolute; 2 ranks: another fp32 reduction order
+    assert_metrics_close(a, b, ("loss", "reward_margin", "chosen_logp", "grad_norm"), rel=1e-5)
+    # h is float noise around 0 at step 1, so is the fraction with h > 0
+    assert_metrics_close(a[1:], b[1:], ("reward_accuracy",), rel=1e-5)
     from safetensors.torch import load_file
     wa = load_file(os.path.join(trained, "policy", "model.safetensors"))
     wb = load_file(os.path.join(two, "policy", "model.safetensors"))
+    # weights: Adam moves each by ~lr per step, scaled by m / sqrt(v), whatever the gradient's size, so
+    # rounding in the gradients shifts a weight by ~lr x (its relative error), far below 1e-5
     assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 

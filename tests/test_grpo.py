@@ -3,10 +3,9 @@
 import json
 import os
 
-import pytest
 import torch
 
-from conftest import run_script
+from conftest import assert_close_to_scale, assert_metrics_close, run_script
 
 
 def run(*args, **kw):
@@ -42,7 +41,7 @@ def test_runs_exports_and_logs(llama_dir, llama_rm_dir, rl_prompts, tmp_path):
     ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "policy")).eval()
     ids = torch.randint(0, 300, (2, 10))
     with torch.no_grad():
-        assert (ours(ids) - ref(input_ids=ids).logits).abs().max() < 1e-5
+        assert_close_to_scale(ours(ids), ref(input_ids=ids).logits, 1e-5, "logits vs transformers")
     start = M.from_pretrained(llama_dir)
     assert not torch.equal(start.model.layers[0].mlp.up_proj.weight, ours.model.layers[0].mlp.up_proj.weight)
 
@@ -54,9 +53,7 @@ def test_resume_equals_uninterrupted(llama_dir, llama_rm_dir, rl_prompts, tmp_pa
     run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, part, "--steps", 4, "--resume", os.path.join(part, "state")))
     a, b = metrics(full), metrics(part)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
-    for x, y in zip(a, b):
-        for k in ("reward_mean", "kl", "entropy", "grad_norm", "response_len"):
-            assert x[k] == pytest.approx(y[k], abs=1e-6), (x["step"], k)
+    assert_metrics_close(a, b, ("reward_mean", "kl", "entropy", "grad_norm", "response_len"), rel=1e-6)  # resume replays the same computations: equal to the last bit, any CPU
     from safetensors.torch import load_file
     wa = load_file(os.path.join(full, "policy", "model.safetensors"))
     wb = load_file(os.path.join(part, "policy", "model.safetensors"))
@@ -102,11 +99,11 @@ def test_fsdp_two_ranks_equal_one_process(llama_dir, llama_rm_dir, rl_prompts, t
     run(*[one if a == "X" else a for a in common])
     run(*[two if a == "X" else a for a in common], nproc=2)
     a, b = metrics(one), metrics(two)
-    for x, y in zip(a, b):
-        for k in ("reward_mean", "response_len", "kl", "grad_norm"):
-            assert x[k] == pytest.approx(y[k], abs=1e-5), (x["step"], k)
+    assert_metrics_close(a, b, ("reward_mean", "response_len", "kl", "grad_norm"), rel=1e-5)  # 2 ranks: another fp32 reduction order
     from safetensors.torch import load_file
     wa = load_file(os.path.join(one, "policy", "model.safetensors"))
     wb = load_file(os.path.join(two, "policy", "model.safetensors"))
+    # weights: Adam moves each by ~lr per step, scaled by m / sqrt(v), whatever the gradient's size, so
+    # rounding in the gradients shifts a weight by ~lr x (its relative error), far below 1e-5
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5

@@ -2,13 +2,17 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rlmt import model as M
 from rlmt.logprobs import sequence_logprobs, sequence_values, token_logprobs
+from conftest import assert_close_to_scale
 
 
 def _naive(hidden, weight, targets, temperature):
-    logp_all = torch.log_softmax((hidden @ weight.T).float() / temperature, dim=-1)  # [B, T, V]
+    # the logits through the kernel the model uses (F.linear): with bf16 inputs another GEMM may round the
+    # bf16 output differently, a 2^-8 relative difference that is not what these tests are about
+    logp_all = torch.log_softmax(F.linear(hidden, weight).float() / temperature, dim=-1)  # [B, T, V]
     logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
     return logp, -(logp_all.exp() * logp_all).sum(-1)
 
@@ -90,10 +94,9 @@ def test_sequence_logprobs_alignment(llama_dir):
         logits = model(ids, am).float() / 0.7
     ref = torch.log_softmax(logits, -1)
     assert logp[:, 0].abs().max() == 0
-    for b in range(2):
-        for t in range(1, 9):
-            assert abs(logp[b, t] - ref[b, t - 1, ids[b, t]]) < 1e-5
-            assert abs(ent[b, t] + (ref[b, t - 1].exp() * ref[b, t - 1]).sum()) < 1e-5
+    want = ref[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # logp[:, t] is read from position t - 1
+    assert_close_to_scale(logp[:, 1:], want, 1e-5, "log-probs")
+    assert_close_to_scale(ent[:, 1:], -(ref.exp() * ref).sum(-1)[:, :-1], 1e-5, "entropy")
 
 
 def test_gradients_reach_the_model(llama_dir):
@@ -126,11 +129,12 @@ def test_start_skips_the_head_before_it(fixture, start, request):
     (logp, ent, grads), (logp_s, ent_s, grads_s) = results
     assert logp_s.shape == ent_s.shape == (3, 9)
     assert logp_s[:, :start].abs().sum() == 0 and ent_s[:, :start].abs().sum() == 0
-    torch.testing.assert_close(logp_s[:, start:], logp[:, start:], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(ent_s[:, start:], ent[:, start:], rtol=1e-6, atol=1e-6)
+    # the head runs over fewer positions, so another GEMM shape and summation order (measured: 6e-7 of scale)
+    assert_close_to_scale(logp_s[:, start:], logp[:, start:], 1e-5, "log-probs")
+    assert_close_to_scale(ent_s[:, start:], ent[:, start:], 1e-5, "entropy")
     assert grads.keys() == grads_s.keys()
     for n in grads:
-        torch.testing.assert_close(grads_s[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
+        assert_close_to_scale(grads_s[n], grads[n], 1e-5, n)
 
 
 def test_start_out_of_range(llama_dir):

@@ -10,6 +10,7 @@ import transformers
 
 from rlmt import model as M
 from rlmt import tiny
+from conftest import assert_close_to_scale
 
 
 def _batch(vocab, padding, B=3, T=80, seed=0, avoid=()):
@@ -42,7 +43,7 @@ def test_logits_match_transformers(family, padding, llama_dir, qwen_dir):
         a = ours(ids, am, pos)
         b = ref(input_ids=ids, attention_mask=am, position_ids=pos).logits
     valid = am.bool()
-    assert (a - b)[valid].abs().max() < 1e-5
+    assert_close_to_scale(a[valid], b[valid], 1e-5, "logits vs transformers")
     assert a.shape == (3, 80, ref.config.vocab_size)
 
 
@@ -87,7 +88,7 @@ def test_reward_score_matches_sequence_classification(family, llama_rm_dir, qwen
         b = ref(input_ids=ids, attention_mask=am).logits.squeeze(-1)
     last = am.sum(-1) - 1  # the last valid token, from the mask
     a = per_token[torch.arange(3), last]
-    assert (a - b).abs().max() < 1e-5
+    assert_close_to_scale(a, b, 1e-5, "scores vs transformers")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen"])
@@ -100,8 +101,9 @@ def test_save_then_transformers_load(family, llama_dir, qwen_dir, tmp_path, llam
     ref = _hf(out)
     ids, am, pos = _batch(ref.config.vocab_size, "left")
     with torch.no_grad():
-        assert (ours(ids, am, pos) - ref(input_ids=ids, attention_mask=am, position_ids=pos).logits)[
-            am.bool()].abs().max() < 1e-5
+        valid = am.bool()
+        assert_close_to_scale(ours(ids, am, pos)[valid],
+                              ref(input_ids=ids, attention_mask=am, position_ids=pos).logits[valid], 1e-5)
     again = M.from_pretrained(out)
     if family == "qwen":  # tied embeddings stay tied after load, save and load
         assert again.lm_head.weight is again.model.embed_tokens.weight
@@ -118,7 +120,7 @@ def test_sharded_checkpoint_loads(llama_dir, tmp_path):
     with torch.no_grad():
         want = ours(ids)
         assert torch.equal(M.from_pretrained(out)(ids), want)
-        assert (_hf(out)(input_ids=ids).logits - want).abs().max() < 1e-5
+        assert_close_to_scale(_hf(out)(input_ids=ids).logits, want, 1e-5, "logits vs transformers")
 
 
 def test_save_overwrites_atomically(llama_dir, tmp_path):
@@ -202,5 +204,6 @@ def test_from_pretrained_mistral_and_untied_qwen(tmp_path, qwen_tokenizer):
         ours = M.from_pretrained(path)
         ids, am, pos = _batch(ref.config.vocab_size, "left")
         with torch.no_grad():
-            assert (ours(ids, am, pos) - ref(input_ids=ids, attention_mask=am, position_ids=pos).logits)[
-                am.bool()].abs().max() < 1e-5
+            valid = am.bool()
+            assert_close_to_scale(ours(ids, am, pos)[valid],
+                                  ref(input_ids=ids, attention_mask=am, position_ids=pos).logits[valid], 1e-5)

@@ -10,7 +10,7 @@ import torch
 
 from rlmt import data, losses, model as M, optim
 from rlmt.logprobs import packed_logprobs, sequence_logprobs
-from conftest import run_script
+from conftest import assert_close_to_scale, assert_metrics_close, run_script
 
 
 CONV = [{"role": "system", "content": "Be brief."},
@@ -78,7 +78,8 @@ def test_loss_ignores_system_user_and_template_tokens(family):
         [{**CONV[0], "content": "You are a pirate. Answer in rhymes, always."}] + CONV[1:],
     ]
     for conv in variants:
-        assert sft_loss(model, tok, [conv]).item() == pytest.approx(base.item(), abs=1e-6)
+        # other sequence lengths: the same values in another summation order (a loss of ~6: relative)
+        assert sft_loss(model, tok, [conv]).item() == pytest.approx(base.item(), rel=1e-5)
     changed = CONV[:4] + [{"role": "assistant", "content": "a tree and a river"}]
     assert abs(sft_loss(model, tok, [changed]).item() - base.item()) > 1e-3  # the test can fail
 
@@ -104,7 +105,7 @@ def test_packing_gives_the_same_logprobs(llama_tokenizer, llama_dir):
         lp_pack = packed_logprobs(model, packed["input_ids"], packed["position_ids"], packed["segment_ids"])
     a = lp_pad[padded["loss_mask"].bool()]  # row-major: example by example, in order, both ways
     b = lp_pack[packed["loss_mask"].bool()]
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert_close_to_scale(a, b, 1e-5, "packed vs padded log-probs")
     assert int(packed["loss_mask"].sum()) == sum(sum(m) for _, m in ex)
     assert packed["position_ids"][0, len(ex[0][0])] == 0  # positions restart with the next example
 
@@ -164,29 +165,26 @@ def test_learns_resumes_packs_and_shards(llama_dir, sft_file, tmp_path):
     run(*tiny_args(llama_dir, sft_file, part, "--steps", 6, "--resume", os.path.join(part, "state")))
     b = metrics(part)
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
-    for x, y in zip(a, b):
-        for k in ("loss", "grad_norm", "lr"):
-            assert x[k] == pytest.approx(y[k], abs=1e-6), (x["step"], k)
+    assert_metrics_close(a, b, ("loss", "grad_norm", "lr"), rel=1e-6)  # the same computations: bit for bit
     # packing: fewer rows, the same loss per token (the same updates, so the same curve)
     packed = tiny_args(llama_dir, sft_file, pack, "--steps", 6, "--pack", "--max-len", 160, "--micro-batch-size", 1)
     run(*packed)
     c = metrics(pack)
     assert c[0]["rows"] < a[0]["rows"]
-    for x, y in zip(a, c):
-        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5), x["step"]
-        assert x["assistant_tokens"] == y["assistant_tokens"]
+    assert_metrics_close(a, c, ("loss",), rel=1e-5)  # other shapes, other summation order
+    assert [x["assistant_tokens"] for x in a] == [y["assistant_tokens"] for y in c]
     # torchrun, 2 ranks: packed rows differ in number between ranks (the lighter rank runs empty passes
     # to match the other's collectives); the same curve and weights as one process
     two = str(tmp_path / "two")
     run(*[two if x == pack else x for x in packed], nproc=2)
     d = metrics(two)
     assert any(m["rows"] != int(m["rows"]) for m in d)  # some step had unequal rows (a mean like 2.5)
-    for x, y in zip(c, d):
-        for k in ("loss", "grad_norm"):
-            assert x[k] == pytest.approx(y[k], abs=1e-5), (x["step"], k)
+    assert_metrics_close(c, d, ("loss", "grad_norm"), rel=1e-5)
     from safetensors.torch import load_file
     wa = load_file(os.path.join(pack, "policy", "model.safetensors"))
     wb = load_file(os.path.join(two, "policy", "model.safetensors"))
+    # weights: Adam moves each by ~lr per step, scaled by m / sqrt(v), whatever the gradient's size, so
+    # rounding in the gradients shifts a weight by ~lr x (its relative error), far below 1e-5
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
