@@ -67,8 +67,7 @@ p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps
 p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
 p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
 p.add_argument("--max-len", type=int, default=4096, help="tokens per sequence (prompt + completion) in training")
-p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-               help="parameter dtype (auto: bf16 on GPU, fp32 on CPU)")
+cli.add_precision_args(p)  # --dtype, --save-dtype, --max-skipped-steps: as in GRPO and PPO
 p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
 p.add_argument("--save-every", type=int, default=50, help="export + training state every N steps (0: end only)")
 p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
@@ -128,11 +127,12 @@ try:
     tokenizer = chat.load_tokenizer(args.model)
     if build or any(r["ids"] is None for r in pair_rows):  # a template/tokenizer mismatch fails here
         chat.render(tokenizer, prompt_rows[0]["messages"] if build else pair_rows[0]["prompt"], args.template)
-    policy = M.from_pretrained(args.model, dtype=dtype)
+    policy = M.from_pretrained(args.model)  # in the checkpoint's dtype; shard() makes the fp32 masters
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
+export_dtype = cli.save_dtype(args, policy)
 policy.gradient_checkpointing = args.activation_checkpointing
-policy = dist.shard(policy, device)
+policy = dist.shard(policy, device, dtype)
 
 # --- pairs: sample, score, select (skipped for prompts already done) -------------------------------------
 
@@ -190,32 +190,31 @@ def batch_of(idx):
             for k, v in pairs.pair_batch([encoded[i] for i in idx], pad_id).items()}
 
 
-ref = policy if not args.ref_model else dist.shard(M.from_pretrained(args.ref_model, dtype=dtype), device)
+ref = policy if not args.ref_model else dist.shard(M.from_pretrained(args.ref_model, dtype=dtype), device, dtype,
+                                                  train=False)
 ref_logps = torch.zeros(len(encoded), 2, device=device)  # [pairs, (chosen, rejected)] summed log-probs
 ref_counts = torch.zeros(len(encoded), 2, device=device)
 share = list(range(rank, len(encoded), world))  # each rank a share; the sum over ranks fills every row
-ref.eval()
-# Unsharded once for the whole pass, as for a rollout: no collective inside, so ranks may run different
-# numbers of forwards; on exit every FSDP module is resharded, and the optimizer below is built on the
-# sharded parameters (a plain no_grad forward of FSDP2 would leave the root unsharded).
-with dist.unsharded(ref), torch.no_grad():
+# One plain copy in the compute dtype for the whole pass, as for a rollout (dist.full_copy): no collective
+# inside, so ranks may run different numbers of forwards, and no FSDP module is left unsharded after it.
+with dist.full_copy(ref) as ref_model, torch.no_grad():
     for s in tqdm(range(0, len(share), args.micro_batch_size), desc="reference", disable=not dist.is_main(),
                   dynamic_ncols=True):
         idx = share[s:s + args.micro_batch_size]
-        lp, n = pairs.pair_logps(ref, batch_of(idx))
+        lp, n = pairs.pair_logps(ref_model, batch_of(idx))
         ref_logps[idx] = torch.stack(lp.chunk(2), dim=1)
         ref_counts[idx] = torch.stack(n.chunk(2), dim=1)
 ref_logps, ref_counts = dist.all_reduce_sum(ref_logps), dist.all_reduce_sum(ref_counts)
-if ref is not policy:
-    del ref
+del ref
 policy.train()
 
 # --- optimizer ------------------------------------------------------------------------------------------
 
 opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-start = 0
+start, skipped = 0, optim.SkippedSteps(args.max_skipped_steps)
 if args.resume:  # after the reference pass: that one needed the starting weights
-    start = checkpoint.load_state(args.resume, {"policy": policy}, {"policy": opt})["step"]
+    resumed = checkpoint.load_state(args.resume, {"policy": policy}, {"policy": opt})
+    start, skipped.total = resumed["step"], resumed.get("skipped_steps", 0)
     if dist.is_main():
         log.truncate_after(args.out, start)
         print(f"resumed from {args.resume} at step {start}")
@@ -232,9 +231,9 @@ def pairs_for(step):
 
 
 def save(step):
-    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer)
+    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer, export_dtype)
     checkpoint.save_state(os.path.join(args.out, "state"), {"policy": policy}, {"policy": opt},
-                          {"step": step, "args": vars(args)})
+                          {"step": step, "skipped_steps": skipped.total, "args": vars(args)})
 
 
 # --- loop -----------------------------------------------------------------------------------------------
@@ -263,14 +262,14 @@ for step in bar:
                   rejected_logp=rejected.detach().mean())
         stats.append(pm)
         n_tok += int(b["attention_mask"].sum())
-    grad_norm = dist.clip_grad_norm(policy, args.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    grad_norm, stepped = optim.step(policy, opt, args.grad_clip)  # skipped when the norm is NaN/inf
+    skipped.update(stepped, step + 1, grad_norm)
     dt = time.perf_counter() - t0
 
     # log: micro-batches are equal in size, so the mean of their means is the step's mean
     metrics = {k: torch.stack([s_[k] for s_ in stats]).mean() for k in stats[0]}
-    metrics.update(grad_norm=grad_norm, tokens_per_s=torch.tensor(n_tok / max(dt, 1e-9)), t_step=torch.tensor(dt))
+    metrics.update(grad_norm=grad_norm, skipped_steps=torch.tensor(float(skipped.total)),
+                   tokens_per_s=torch.tensor(n_tok / max(dt, 1e-9)), t_step=torch.tensor(dt))
     metrics = log.reduce_metrics(metrics)
     metrics["lr"] = lr
     metrics["tokens_per_s"] *= world
@@ -278,6 +277,7 @@ for step in bar:
         log.log_step(args.out, step + 1, metrics, (), tb)
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", margin=f"{metrics['reward_margin']:.3g}",
                         acc=f"{metrics['reward_accuracy']:.2f}", lr=f"{lr:.3g}")
+    skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
 
     if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == end:
         save(step + 1)

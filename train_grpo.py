@@ -15,7 +15,9 @@ What is simplified, on purpose: one optimizer step per rollout (the paper's sett
 log-probs are the current ones detached and the ratio is exactly 1 — clipping is kept for forks that
 take several steps per rollout. The sampler's own log-probs are compared with the trainer's each step
 (`sampler_logp_diff`) to catch a temperature or kernel mismatch. The reward model is replicated on each
-rank (no collectives while scoring); the policy and the reference are sharded with FSDP2.
+rank (no collectives while scoring); the policy and the reference are sharded with FSDP2. Precision: the
+policy's weights, gradients and AdamW state are fp32, its forward and backward run in --dtype (bf16 on a
+GPU), the sampler decodes a bf16 copy, and the reference and reward model are stored in bf16.
 """
 
 import argparse
@@ -26,7 +28,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from rlmt import chat, checkpoint, cli, dist, log, losses, model as M, reward, rollout
+from rlmt import chat, checkpoint, cli, dist, log, losses, model as M, optim, reward, rollout
 from rlmt.logprobs import sequence_logprobs
 
 # --- CLI ------------------------------------------------------------------------------------------------
@@ -53,23 +55,25 @@ os.makedirs(args.out, exist_ok=True)
 try:
     tokenizer = chat.load_tokenizer(args.model)
     chat.render(tokenizer, rows[0]["messages"], args.template)  # a template/tokenizer mismatch fails here
-    policy = M.from_pretrained(args.model, dtype=dtype)
+    policy = M.from_pretrained(args.model)  # in the checkpoint's dtype; shard() makes the fp32 masters
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
+export_dtype = cli.save_dtype(args, policy)
 policy.gradient_checkpointing = args.activation_checkpointing
-policy = dist.shard(policy, device).train()
+policy = dist.shard(policy, device, dtype).train()
 ref = None
 if args.kl_coef > 0:  # the frozen initial policy
-    ref = dist.shard(M.from_pretrained(args.model, dtype=dtype).requires_grad_(False), device).eval()
+    ref = dist.shard(M.from_pretrained(args.model, dtype=dtype), device, dtype, train=False).eval()
 rm = reward.RewardModel(args.reward_model, device=device, dtype=dtype) if args.reward_model else None
 sampling = dict(rm=rm, reward_fn=reward_fn, seed=args.seed, **cli.rollout_kwargs(args))  # every rollout's
 
 # --- optimizer ------------------------------------------------------------------------------------------
 
 opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-start = 0
+start, skipped = 0, optim.SkippedSteps(args.max_skipped_steps)
 if args.resume:
-    start = checkpoint.load_state(args.resume, {"policy": policy}, {"policy": opt})["step"]
+    resumed = checkpoint.load_state(args.resume, {"policy": policy}, {"policy": opt})
+    start, skipped.total = resumed["step"], resumed.get("skipped_steps", 0)
     if dist.is_main():
         log.truncate_after(args.out, start)
         print(f"resumed from {args.resume} at step {start}")
@@ -77,9 +81,9 @@ tb = log.tensorboard(args.out) if dist.is_main() else None
 
 
 def save(step):
-    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer)
+    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer, export_dtype)
     checkpoint.save_state(os.path.join(args.out, "state"), {"policy": policy}, {"policy": opt},
-                          {"step": step, "args": vars(args)})
+                          {"step": step, "skipped_steps": skipped.total, "args": vars(args)})
 
 
 # --- loop -----------------------------------------------------------------------------------------------
@@ -123,15 +127,15 @@ for step in bar:
         (losses.aggregate(per_token, m, args.loss_agg, count=count) * world).backward()
         pm["sampler_logp_diff"] = losses.masked_mean((logp.detach() - mb["old_logprobs"]).abs(), m)
         stats.append(pm)
-    grad_norm = dist.clip_grad_norm(policy, args.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    grad_norm, stepped = optim.step(policy, opt, args.grad_clip)  # skipped when the norm is NaN/inf
+    skipped.update(stepped, step + 1, grad_norm)
     t_train = time.perf_counter() - t0
 
     # log: one reduction over ranks, floats only here
     metrics = {k: torch.stack([s_[k] for s_ in stats]).mean() for k in stats[0]}
     metrics.update(rollout.metrics(ro, world), grad_norm=grad_norm, t_train=torch.tensor(t_train),
-                   zero_std_frac=losses.zero_std_fraction(ro["rewards"], args.group_size))
+                   zero_std_frac=losses.zero_std_fraction(ro["rewards"], args.group_size),
+                   skipped_steps=torch.tensor(float(skipped.total)))
     if args.eval_every and eval_rows and (step + 1) % args.eval_every == 0:
         metrics.update(rollout.validate(policy, tokenizer, eval_rows, step=step, rank=rank, world=world, **sampling))
     metrics = log.reduce_metrics(metrics)
@@ -139,6 +143,7 @@ for step in bar:
     if dist.is_main():
         log.log_step(args.out, step + 1, metrics, rollout.sample_rows(ro, args.samples_per_step), tb)
         bar.set_postfix(log.progress_postfix(metrics))
+    skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
 
     # save
     if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:

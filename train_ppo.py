@@ -33,7 +33,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from rlmt import chat, checkpoint, cli, dist, log, losses, model as M, reward, rollout
+from rlmt import chat, checkpoint, cli, dist, log, losses, model as M, optim, reward, rollout
 from rlmt.logprobs import sequence_logprobs, sequence_values
 
 # --- CLI ------------------------------------------------------------------------------------------------
@@ -81,18 +81,18 @@ try:
     if args.critic_init == "reward" and chat.load_tokenizer(args.reward_model).get_vocab() != tokenizer.get_vocab():
         sys.exit(f"error: --critic-init reward: {args.reward_model} has another tokenizer than {args.model}, "
                  "so a critic built from it cannot read the policy's tokens; use --critic-init policy")
-    policy = M.from_pretrained(args.model, dtype=dtype)
+    policy = M.from_pretrained(args.model)  # in the checkpoint's dtype; shard() makes the fp32 masters
     # The critic: a trunk and a scalar head read at every position (a fresh head on the policy's trunk).
-    critic = M.from_pretrained(args.model if args.critic_init == "policy" else args.reward_model, dtype=dtype,
-                               head="score")
+    critic = M.from_pretrained(args.model if args.critic_init == "policy" else args.reward_model, head="score")
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
+export_dtype = cli.save_dtype(args, policy)
 policy.gradient_checkpointing = critic.gradient_checkpointing = args.activation_checkpointing
-policy = dist.shard(policy, device).train()
-critic = dist.shard(critic, device).train()
+policy = dist.shard(policy, device, dtype).train()  # both trained: fp32 masters, --dtype compute
+critic = dist.shard(critic, device, dtype).train()
 ref = None
 if args.kl_coef > 0 or args.kl_in_reward > 0:  # the frozen initial policy, only when a KL is asked for
-    ref = dist.shard(M.from_pretrained(args.model, dtype=dtype).requires_grad_(False), device).eval()
+    ref = dist.shard(M.from_pretrained(args.model, dtype=dtype), device, dtype, train=False).eval()
 rm = reward.RewardModel(args.reward_model, device=device, dtype=dtype) if args.reward_model else None
 sampling = dict(rm=rm, reward_fn=reward_fn, seed=args.seed, **cli.rollout_kwargs(args))  # every rollout's
 
@@ -102,9 +102,10 @@ opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), wei
 critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.999),
                                weight_decay=args.weight_decay)
 models, optimizers = {"policy": policy, "critic": critic}, {"policy": opt, "critic": critic_opt}
-start = 0
+start, skipped = 0, optim.SkippedSteps(args.max_skipped_steps)
 if args.resume:
-    start = checkpoint.load_state(args.resume, models, optimizers)["step"]
+    resumed = checkpoint.load_state(args.resume, models, optimizers)
+    start, skipped.total = resumed["step"], resumed.get("skipped_steps", 0)
     if dist.is_main():
         log.truncate_after(args.out, start)
         print(f"resumed from {args.resume} at step {start}")
@@ -112,9 +113,10 @@ tb = log.tensorboard(args.out) if dist.is_main() else None
 
 
 def save(step):
-    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer)
-    checkpoint.export(critic, os.path.join(args.out, "critic"), tokenizer)  # reads the policy's tokens
-    checkpoint.save_state(os.path.join(args.out, "state"), models, optimizers, {"step": step, "args": vars(args)})
+    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer, export_dtype)
+    checkpoint.export(critic, os.path.join(args.out, "critic"), tokenizer, export_dtype)  # reads the policy's tokens
+    checkpoint.save_state(os.path.join(args.out, "state"), models, optimizers,
+                          {"step": step, "skipped_steps": skipped.total, "args": vars(args)})
 
 
 # --- loop -----------------------------------------------------------------------------------------------
@@ -185,11 +187,12 @@ for step in bar:
                 value_loss += critic_loss.detach() * world  # summed over micro-batches and ranks: the mean
                 pm["value_clip_frac"] = vm["clip_frac"]
                 stats.append(pm)
-            grad_norms.append(dist.clip_grad_norm(policy, args.grad_clip))
-            critic_grad_norms.append(dist.clip_grad_norm(critic, args.grad_clip))
-            for o in (opt, critic_opt):
-                o.step()
-                o.zero_grad(set_to_none=True)
+            # each model skips its step when its gradient norm is NaN/inf; the run counts either as skipped
+            norm, stepped = optim.step(policy, opt, args.grad_clip)
+            critic_norm, critic_stepped = optim.step(critic, critic_opt, args.grad_clip)
+            skipped.update(stepped and critic_stepped, step + 1, norm if not stepped else critic_norm)
+            grad_norms.append(norm)
+            critic_grad_norms.append(critic_norm)
     t_train = time.perf_counter() - t0
 
     # log: one reduction over ranks, floats only here
@@ -201,7 +204,7 @@ for step in bar:
                                                                 all_reduce=dist.all_reduce_sum),
                    adv_mean=losses.masked_mean(adv, mask),  # before whitening: > 0 when the critic underrates
                    sampler_logp_diff=losses.masked_mean((b["old_logp"] - b["old_logprobs"]).abs(), mask),
-                   t_train=torch.tensor(t_train))
+                   t_train=torch.tensor(t_train), skipped_steps=torch.tensor(float(skipped.total)))
     if ref is not None:
         metrics["kl"] = losses.masked_mean(losses.kl(b["old_logp"], b["ref_logp"], args.kl_kind, mask=mask), mask)
     if args.eval_every and eval_rows and (step + 1) % args.eval_every == 0:
@@ -211,6 +214,7 @@ for step in bar:
     if dist.is_main():
         log.log_step(args.out, step + 1, metrics, rollout.sample_rows(ro, args.samples_per_step), tb)
         bar.set_postfix(log.progress_postfix(metrics))
+    skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
 
     # save
     if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:

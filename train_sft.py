@@ -48,8 +48,7 @@ p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient n
 p.add_argument("--max-len", type=int, default=4096,
                help="tokens per conversation (cut at the end); the row length with --pack")
 p.add_argument("--pack", action="store_true", help="pack conversations into rows of --max-len tokens")
-p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-               help="parameter dtype (auto: bf16 on GPU, fp32 on CPU)")
+cli.add_precision_args(p)  # --dtype, --save-dtype, --max-skipped-steps: as in GRPO and PPO
 p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
 p.add_argument("--save-every", type=int, default=200, help="export + training state every N steps (0: end only)")
 p.add_argument("--seed", type=int, default=0, help="seed for the data order")
@@ -109,17 +108,19 @@ if dist.is_main():
 # --- model and optimizer --------------------------------------------------------------------------------
 
 try:
-    policy = M.from_pretrained(args.model, dtype=dtype)
+    policy = M.from_pretrained(args.model)  # in the checkpoint's dtype; shard() makes the fp32 masters
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
+export_dtype = cli.save_dtype(args, policy)
 policy.gradient_checkpointing = args.activation_checkpointing
-policy = dist.shard(policy, device).train()
+policy = dist.shard(policy, device, dtype).train()
 pad_id = chat.pad_id(tokenizer)
 
 opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-start = 0
+start, skipped = 0, optim.SkippedSteps(args.max_skipped_steps)
 if args.resume:
-    start = checkpoint.load_state(args.resume, {"policy": policy}, {"policy": opt})["step"]
+    resumed = checkpoint.load_state(args.resume, {"policy": policy}, {"policy": opt})
+    start, skipped.total = resumed["step"], resumed.get("skipped_steps", 0)
     if dist.is_main():
         log.truncate_after(args.out, start)
         print(f"resumed from {args.resume} at step {start}")
@@ -137,9 +138,9 @@ def examples_for(step):
 
 
 def save(step):
-    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer)
+    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer, export_dtype)
     checkpoint.save_state(os.path.join(args.out, "state"), {"policy": policy}, {"policy": opt},
-                          {"step": step, "args": vars(args)})
+                          {"step": step, "skipped_steps": skipped.total, "args": vars(args)})
 
 
 # --- loop -----------------------------------------------------------------------------------------------
@@ -173,15 +174,15 @@ for step in bar:
         loss = losses.aggregate(-logp, m, "token-mean", count=count)
         (loss * world).backward()
         loss_sum += loss.detach()
-    grad_norm = dist.clip_grad_norm(policy, args.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    grad_norm, stepped = optim.step(policy, opt, args.grad_clip)  # skipped when the norm is NaN/inf
+    skipped.update(stepped, step + 1, grad_norm)
     dt = time.perf_counter() - t0
 
     # log: one reduction over ranks (a mean, so the per-rank shares of the loss are scaled by world)
     real = b["attention_mask"] if "attention_mask" in b else (b["segment_ids"] >= 0).long()
     metrics = log.reduce_metrics({
-        "loss": loss_sum * world, "grad_norm": grad_norm, "assistant_tokens": count,
+        "loss": loss_sum * world, "grad_norm": grad_norm, "skipped_steps": torch.tensor(float(skipped.total)),
+        "assistant_tokens": count,
         "pad_frac": 1.0 - real.sum() / max(1, real.numel()), "rows": torch.tensor(float(n_rows)),
         "tokens_per_s": real.sum() / max(dt, 1e-9), "t_step": torch.tensor(dt)})
     metrics["lr"] = lr
@@ -189,6 +190,7 @@ for step in bar:
     if dist.is_main():
         log.log_step(args.out, step + 1, metrics, (), tb)
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{lr:.3g}", tok_s=f"{metrics['tokens_per_s']:.3g}")
+    skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
 
     if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == end:
         save(step + 1)

@@ -105,13 +105,11 @@ def rlmt_step(policy, ref, opt, tokenizer, rows, step, micro_batch_size):
 
     from rlmt import dist, losses, rollout
     from rlmt.logprobs import sequence_logprobs
-    with ignoring_eos(), dist.unsharded(policy), torch.no_grad():
-        policy.eval()
-        ro = rollout.rollout(policy, tokenizer, rows, template="chat", group_size=GROUP,
+    with ignoring_eos(), dist.full_copy(policy) as rollout_model, torch.no_grad():  # fp32 plain: itself
+        ro = rollout.rollout(rollout_model, tokenizer, rows, template="chat", group_size=GROUP,
                              reward_fn=lambda prompts, answers: answer_length(answers), max_prompt_len=1024,
                              max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, batch_size=64,
                              seed=[(step << 20) + i for i in range(len(rows))])
-        policy.train()
     b = {k: v for k, v in ro["batch"].items() if torch.is_tensor(v)}
     adv = losses.group_advantages(ro["rewards"], GROUP)
     mask, prompt_len = b["response_mask"], ro["batch"]["prompt_len"]

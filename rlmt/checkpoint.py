@@ -39,10 +39,13 @@ def _barrier():
         dist.barrier()
 
 
-def export(model, out_dir, tokenizer=None):
-    """HF folder with the full weights; a collective: every rank must call it."""
+def export(model, out_dir, tokenizer=None, dtype=None):
+    """HF folder with the full weights, cast to `dtype` (default: as they are, fp32 masters for a trained
+    model); a collective: every rank must call it."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _rank() == 0:
+        for k in state if dtype is not None else ():  # one tensor at a time: an 8B is 32 GB in fp32
+            state[k] = state[k].to(dtype)
         save_pretrained(model, out_dir, tokenizer=tokenizer, state_dict=state)
     _barrier()
     return out_dir

@@ -11,12 +11,14 @@ any model loads.
 A flag lives here only if it means the same thing in every script that has it.
 """
 
+import argparse
 import os
 import sys
 
 import torch
 
 from rlmt import chat, data, losses, reward
+from rlmt.model import checkpoint_dtype
 
 
 def add_common_args(p):
@@ -50,8 +52,7 @@ def add_common_args(p):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0 keeps the RL gradient exact)")
     p.add_argument("--max-prompt-len", type=int, default=1024, help="prompt tokens kept (left-truncated; Zero: 896)")
     p.add_argument("--max-new-tokens", type=int, default=4096, help="response token budget")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="parameter dtype (auto: bf16 on GPU, fp32 on CPU)")
+    add_precision_args(p)
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument("--save-every", type=int, default=50, help="export + training state every N steps (0: end only)")
     p.add_argument("--eval-every", type=int, default=25, help="validate every N steps (0: never)")
@@ -59,6 +60,27 @@ def add_common_args(p):
     p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
     p.add_argument("--resume", help="training state folder to resume from (OUT/state)")
     p.add_argument("--demo", action="store_true", help="tiny offline CPU demo (builds its own model and data)")
+
+
+def _positive_int(text):
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def add_precision_args(p):
+    """The precision flags of every trainer (GRPO, PPO, SFT, DPO)."""
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="compute dtype of forward and backward (auto: bf16 on a GPU, fp32 on the CPU). Whatever "
+                        "it is, what is trained (policy, critic) is stored in fp32 with fp32 gradients and AdamW "
+                        "state; frozen models (reference, reward model) are stored in it, and the sampler decodes "
+                        "a copy of the policy in it")
+    p.add_argument("--save-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="dtype of the exported HF folders (auto: the starting checkpoint's, bf16 for the paper's "
+                        "models); the resumable state keeps the fp32 masters")
+    p.add_argument("--max-skipped-steps", type=_positive_int, default=5,
+                   help="optimizer steps are skipped when the gradient norm is NaN/inf; stop after this many in a row")
 
 
 def check(args, p, mini_batches=1):
@@ -110,7 +132,12 @@ def rollout_kwargs(args):
 
 
 def torch_dtype(name, device):
-    """--dtype -> a torch dtype: auto is bf16 on GPUs and fp32 on the CPU."""
+    """--dtype -> the compute dtype: auto is bf16 on GPUs and fp32 on the CPU."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def save_dtype(args, model):
+    """--save-dtype -> the exports' dtype: auto is what `model`'s checkpoint was saved in."""
+    return checkpoint_dtype(model) if args.save_dtype == "auto" else getattr(torch, args.save_dtype)

@@ -192,10 +192,11 @@ def apply_dpo_defaults(args, parser):
 
 def show(policy, tokenizer, messages, template="chat", max_new_tokens=48):
     """Print the greedy answer of a trained demo model to one conversation."""
-    from rlmt import sampler
+    from rlmt import dist, sampler
     prompt = chat.encode_prompt(tokenizer, messages, template)
-    out = sampler.generate(policy, [prompt], max_new_tokens=max_new_tokens, temperature=0.0,
-                           stop_ids=chat.stop_ids(tokenizer))[0]
+    with dist.full_copy(policy) as model:
+        out = sampler.generate(model, [prompt], max_new_tokens=max_new_tokens, temperature=0.0,
+                               stop_ids=chat.stop_ids(tokenizer))[0]
     print(f"demo: {chat.user_turn(messages)!r} -> {tokenizer.decode(out['tokens'], skip_special_tokens=True)!r}")
 
 
@@ -204,14 +205,14 @@ def dpo_report(policy, tokenizer, pairs_path, args):
     the starting model, read back from the pairs files, against fresh samples of the trained model."""
     import json
 
-    from rlmt import pairs, reward, rollout
+    from rlmt import dist, pairs, reward, rollout
     before = []
     for path in (pairs_path, pairs.dropped_path(pairs_path)):
         with open(path) as f:
             before += [s for line in f if line.strip() for s in json.loads(line)["scores"]]
     rows = data.load_prompts(args.data)
-    with torch.no_grad():
-        ro = rollout.rollout(policy.eval(), tokenizer, rows, template=args.template, group_size=args.group_size,
+    with dist.full_copy(policy) as model, torch.no_grad():
+        ro = rollout.rollout(model, tokenizer, rows, template=args.template, group_size=args.group_size,
                              reward_fn=reward.load_reward_fn(args.reward_fn), max_prompt_len=args.max_prompt_len,
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, strict=args.strict,
                              seed=[(args.seed << 32) + j for j in range(len(rows))])

@@ -1,13 +1,20 @@
 """torchrun helpers: one code path for one process and for N.
 
     rank, world_size, device = dist.init()   # reads RANK / WORLD_SIZE / LOCAL_RANK set by torchrun
-    ...
-    with dist.unsharded(model):               # an FSDP2 model: gather the weights once for a rollout
-        samples = sampler.generate(model, ...)
+    policy = dist.shard(policy, device, torch.bfloat16)               # fp32 masters, bf16 compute
+    with dist.full_copy(policy) as rollout_model:                     # plain bf16 weights for sampling
+        samples = sampler.generate(rollout_model, ...)
     dist.cleanup()
 
-Run as a plain `python script.py` (no WORLD_SIZE in the environment) everything here is a no-op and the
-process is rank 0 of 1. NCCL on GPUs, gloo on the CPU.
+A plain `python script.py` (no WORLD_SIZE in the environment) is rank 0 of a one-process group, so a
+trained model is an FSDP2 module there too and the precision, checkpoint and gradient code is the same
+as under torchrun. NCCL on GPUs, gloo on the CPU.
+
+Precision: what is trained (policy, critic) is stored in fp32, with fp32 gradients after reduction and
+fp32 AdamW state; FSDP2 casts each block's gathered weights to the compute dtype (bf16 on GPUs) for the
+forward and backward. At lr 1e-6 an Adam step is ~1e-6 while half a bf16 ulp of a weight of 0.02 is
+~6e-5: a bf16-stored policy would not move at all. Frozen models (reference, reward model) are stored
+in the compute dtype. The sampler decodes `full_copy`, a plain module in the compute dtype.
 """
 
 import os
@@ -18,21 +25,20 @@ import torch.distributed as tdist
 
 
 def init():
-    """Join the process group torchrun describes -> (rank, world_size, device).
+    """Join the process group torchrun describes, or a one-process group -> (rank, world_size, device).
 
     device: cuda:LOCAL_RANK when CUDA is available (and made current), else cpu. Without torchrun's
-    environment: (0, 1, cuda:0 or cpu) and no process group."""
+    environment the process is rank 0 of 1, in a group kept in memory (no port is opened)."""
     cuda = torch.cuda.is_available()
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device("cuda", 0) if cuda else torch.device("cpu")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    torchrun = "WORLD_SIZE" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if torchrun else (0, 1)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
+        store = {} if torchrun else {"store": tdist.HashStore()}
         tdist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                 device_id=device if cuda else None)
+                                 device_id=device if cuda else None, **store)
     return rank, world, device
 
 
@@ -61,57 +67,80 @@ def is_sharded(model):
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-@contextmanager
-def unsharded(model):
-    """Hold an FSDP2 model's full parameters for a rollout: every `FSDPModule` in it is unsharded once
-    (one all-gather each) and stops resharding after its forward, so the decode loop runs no collective
-    and ranks may run different numbers of steps. On exit the reshard-after-forward settings are put back
-    and the parameters resharded. A plain module, or a call nested in another `unsharded`, is a no-op.
+def shard(model, device, dtype=torch.float32, train=True):
+    """Put `model` on `device` for training (train=True) or as a frozen model (train=False).
 
-    FSDP2 has no public getter for reshard_after_forward, so the fields that `set_reshard_after_forward`
-    writes are saved and restored as they were."""
-    from torch.distributed.fsdp import FSDPModule
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not mods or getattr(model, "_rlmt_unsharded", False):
-        yield model
-        return
-    states = [m._get_fsdp_state() for m in mods]
-    for state in states:  # decide the root(s) as the first forward would, before saving the settings
-        state._lazy_init()
-    saved = [(s, s._auto_reshard_after_forward, [g.post_forward_mesh_info for g in s._fsdp_param_groups])
-             for s in states]
-    model._rlmt_unsharded = True
-    try:
-        for m in mods:
-            m.set_reshard_after_forward(False, recurse=False)
-            m.unshard()
-        yield model
-    finally:
-        for state, auto, infos in saved:
-            state._auto_reshard_after_forward = auto
-            for g, info in zip(state._fsdp_param_groups, infos):
-                g.post_forward_mesh_info = info
-        for m in mods:
-            m.reshard()
-        model._rlmt_unsharded = False
+    Trained (policy, critic): parameters cast to fp32, then FSDP2 `fully_shard` on every block and on the
+    root (embeddings, final norm, head), each block cast just before it is sharded, so a bf16 checkpoint
+    never sits in memory whole in fp32. MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=fp32):
+    forward and backward in `dtype`, gradients reduced and kept in fp32; AdamW built on these parameters
+    keeps fp32 state. This runs in a one-process group too (dist.init), so one code path serves both.
+    Frozen (reference): cast to `dtype`, no gradients; sharded only when there are several ranks.
+    `model.compute_dtype` records `dtype` (full_copy's default).
 
-
-def shard(model, device):
-    """Move `model` to `device`; under torchrun, shard it with FSDP2: `fully_shard` on every block, then
-    on the root (embeddings, final norm, head). On GPUs the compute runs in bf16 with gradients reduced in
-    fp32; on the CPU (gloo, tests) everything stays fp32. A single process gets the plain module.
     FSDP averages gradients over ranks: a loss already normalized by the global count must be multiplied
     by the world size before backward (gloo has no PREMUL_SUM, so set_gradient_divide_factor can't)."""
-    model = model.to(device)
-    if not tdist.is_initialized() or tdist.get_world_size() == 1:
-        return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
-    for block in model.model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    model.compute_dtype = dtype
+    model.inv_freq = model.inv_freq.to(device)  # the fp32 rope frequencies: moved, never cast
+    stored = torch.float32 if train else dtype
+    if not train:
+        model.requires_grad_(False)
+        if not tdist.is_initialized() or tdist.get_world_size() == 1:
+            return _params_to(model, device, stored)
+    elif not tdist.is_initialized():
+        raise RuntimeError("dist.shard(train=True) needs a process group: call rlmt.dist.init() first")
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if stored != dtype \
+        else MixedPrecisionPolicy()
+    for block in model.model.layers:  # one block at a time: a bf16 checkpoint is never whole in fp32
+        fully_shard(_params_to(block, device, stored), mp_policy=mp)
+    fully_shard(_params_to(model, device, stored), mp_policy=mp)  # the root's own: embeddings, norm, head
     return model
+
+
+def _params_to(module, device, dtype):
+    """Move and cast `module`'s parameters in place (not the already sharded ones; tied: once) -> module."""
+    for p in module.parameters():
+        if not _is_dtensor(p):
+            p.data = p.data.to(device=device, dtype=dtype)
+    return module
+
+
+def _is_dtensor(t):
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+@contextmanager
+def full_copy(model, dtype=None):
+    """A plain module (no FSDP hooks, no gradients) holding `model`'s full weights in `dtype` (default:
+    the compute dtype `shard` recorded, else the weights' own), for no-grad work: the rollout copy the
+    sampler decodes (CUDA graphs and torch.compile apply, no collective runs inside, ranks may decode
+    different numbers of steps), reference log-probs. Every rank must enter it: one all-gather per
+    parameter, in `dtype`. Memory: the full model in `dtype` (an 8B in bf16: 16 GB, what unsharding held),
+    released on exit. A plain model already in `dtype` is handed back as is, without a copy.
+    Fresh on every call, so it always holds the weights of the last optimizer step."""
+    from rlmt.model import assemble
+    from torch.distributed.fsdp import FSDPModule
+    dtype = dtype or getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
+    params = dict(model.named_parameters())  # tied: one entry
+    if not is_sharded(model) and all(p.dtype == dtype for p in params.values()):
+        yield model
+        return
+    for m in model.modules():  # FSDP2 leaves its root unsharded after a no-grad forward
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    with torch.no_grad():
+        state = {}
+        for name, p in params.items():
+            t = p.detach().to(dtype)
+            state[name] = t.full_tensor() if _is_dtensor(t) else t.clone()
+        copy = assemble(model.config, model.hf_config, state, device=model.inv_freq.device)
+    del state
+    try:
+        yield copy.eval().requires_grad_(False)
+    finally:
+        del copy
 
 
 def all_reduce_sum(x):

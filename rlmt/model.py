@@ -248,18 +248,17 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache)
         h = self.model.norm(x)
         if self.config.head == "score":
-            return self.score(h).squeeze(-1)
+            return F.linear(h, self.score.weight[0])  # [B, T]; not a view, which FSDP2 warns about
         if last_only:
             h = h[:, -1:]
         if targets is not None:
             from rlmt.logprobs import token_logprobs
             logp, ent = token_logprobs(h[:, logits_from:], self.lm_head.weight, targets[:, logits_from:],
                                        temperature, with_entropy)
-            if logits_from:  # back to [B, T], zeros first, so every caller keeps one alignment
-                pad = logp.new_zeros(B, logits_from)
-                logp = torch.cat([pad, logp], dim=1)
-                ent = torch.cat([pad, ent], dim=1) if ent is not None else None
-            return logp, ent
+            # back to [B, T], zeros first, so every caller keeps one alignment; also when logits_from is 0:
+            # a fresh tensor, since FSDP2 warns about a view returned from a forward (token_logprobs's are)
+            pad = logp.new_zeros(B, logits_from)
+            return torch.cat([pad, logp], dim=1), torch.cat([pad, ent], dim=1) if ent is not None else None
         return self.lm_head(h)
 
     def init_new_weights(self, std=None):
@@ -325,8 +324,7 @@ def from_pretrained(path_or_alias, dtype=None, device=None, head=None):
     if head is not None and head != cfg.head:
         cfg.head, cfg.tie_word_embeddings = head, cfg.tie_word_embeddings and head == "lm"
     with torch.device("meta"):
-        model = Transformer(cfg, hf)
-    wanted = dict(model.named_parameters())  # tied: one entry, under model.embed_tokens.weight
+        wanted = dict(Transformer(cfg, hf).named_parameters())  # tied: one entry, model.embed_tokens.weight
     state = {}
     for name, t in _read_weights(folder):
         if name in wanted:
@@ -334,15 +332,32 @@ def from_pretrained(path_or_alias, dtype=None, device=None, head=None):
     missing = [n for n in wanted if n not in state]
     if missing and missing != ["score.weight"]:
         raise ValueError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
-    model.load_state_dict(state, strict=False, assign=True)
+    model = assemble(cfg, hf, state)
     if missing:
         any_w = next(iter(state.values()))
         model.score.weight = nn.Parameter(torch.empty(1, cfg.hidden_size, dtype=any_w.dtype))
         model.init_new_weights()
+    return model.to(device).eval() if device is not None else model.eval()
+
+
+def assemble(cfg: Config, hf_config: dict, state: dict, device=None):
+    """A Transformer whose parameters are the tensors of `state` (HF names, no copy), built on the meta
+    device so memory holds one copy; tied embeddings stay tied. A missing `score.weight` is left on meta
+    for the caller to create (a fresh value head)."""
+    with torch.device("meta"):
+        model = Transformer(cfg, hf_config)
+    model.load_state_dict(state, strict=False, assign=True)
     if cfg.head == "lm" and cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
-    model.inv_freq = rope_inv_freq(cfg)
-    return model.to(device).eval() if device is not None else model.eval()
+    model.inv_freq = rope_inv_freq(cfg) if device is None else rope_inv_freq(cfg).to(device)
+    return model
+
+
+def checkpoint_dtype(model):
+    """The dtype the model's checkpoint was saved in (config.json's `dtype`, or 4.x's `torch_dtype`):
+    bf16 for the paper's models; fp32 when the config names none."""
+    name = model.hf_config.get("dtype") or model.hf_config.get("torch_dtype") or "float32"
+    return getattr(torch, name) if isinstance(name, str) else name
 
 
 # --- saving --------------------------------------------------------------------------------------------

@@ -106,14 +106,12 @@ def build_pairs(policy, tokenizer, rows, out_path, *, template, rm=None, reward_
     if progress and rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), desc="pairs", unit="prompt", dynamic_ncols=True)
-    was_training = policy.training
-    with dist.unsharded(policy), torch.no_grad():
-        policy.eval()
+    with dist.full_copy(policy) as rollout_model, torch.no_grad():  # plain weights in the compute dtype
         for c in range(0, len(todo), chunk_prompts):
             mine = todo[c:c + chunk_prompts][rank::world]
             local = []
             if mine:
-                ro = rollout.rollout(policy, tokenizer, [rows[j] for j in mine], template=template,
+                ro = rollout.rollout(rollout_model, tokenizer, [rows[j] for j in mine], template=template,
                                      group_size=group_size, rm=rm, reward_fn=reward_fn, max_prompt_len=max_prompt_len,
                                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                      strict=strict, seed=[(seed << 32) + j for j in mine], batch_size=batch_size)
@@ -134,7 +132,6 @@ def build_pairs(policy, tokenizer, rows, out_path, *, template, rm=None, reward_
                     bar.update(len(local))
                     bar.set_postfix(kept=counts["pairs"], dropped=sum(counts[k] for k in DROP_REASONS))
             dist.barrier()
-    policy.train(was_training)
     if bar is not None:
         bar.close()
     return counts

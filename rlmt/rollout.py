@@ -84,17 +84,15 @@ def prompts_for(rows, step, per_step, seed, rank=0, world=1):
 
 
 def on_policy(policy, tokenizer, rows, *, step, first, seed, **kw):
-    """`rollout` from a policy that may be sharded with FSDP2: its weights are gathered once for the whole
-    rollout (dist.unsharded), and it is back in train mode afterwards.
+    """`rollout` from the policy's current weights: a trained policy (FSDP2, fp32 masters) is gathered
+    once into a plain copy in its compute dtype (dist.full_copy: bf16 on GPUs), which the sampler
+    decodes and which is released before the caller trains.
 
     `first` is the index of rows[0] among the step's prompts across all ranks; each prompt's random stream
     is keyed by (seed, step, that index), so 1 rank and N ranks draw the same samples. kw: rollout's."""
     seeds = [(seed << 40) + (step << 20) + first + i for i in range(len(rows))]
-    with dist.unsharded(policy), torch.no_grad():
-        policy.eval()
-        ro = rollout(policy, tokenizer, rows, seed=seeds, **kw)
-        policy.train()
-    return ro
+    with dist.full_copy(policy) as rollout_model, torch.no_grad():
+        return rollout(rollout_model, tokenizer, rows, seed=seeds, **kw)
 
 
 def validate(policy, tokenizer, eval_rows, *, step, seed, rank=0, world=1, **kw):

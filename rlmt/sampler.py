@@ -174,13 +174,13 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
     cuda_graph: capture the decode step (compiled or not) in a CUDA graph, once per call, and replay it
     each step: one launch instead of hundreds, which is what decode waits on (an H200 at 64 rows: 77 ->
     4.9 ms a step for a 1B model, 81 -> 14 ms for an 8B; bench/gpu.py). Static shapes as with compile.
-    None: on whenever it can be, a CUDA device and a model that is not FSDP-sharded (FSDP's hooks
-    cannot be captured).
+    None: on whenever the device is a CUDA device.
     sync_every: decode steps between reads of the new tokens by the host. A read makes a GPU wait while
     the host books the step (stops, refills), so a GPU reads every 16 steps and a finished row idles
     at most 15 steps before its slot is refilled; the CPU reads every step (None picks these). The
     samples are the same whatever the value.
-    An FSDP2 model is unsharded once for the call (rlmt.dist.unsharded).
+    model: a plain module; hand an FSDP2 model over as `rlmt.dist.full_copy(model)` (the rollout copy,
+    in the compute dtype: bf16 weights decode at the speed of bf16).
     Every sampling field is an argument; a checkpoint's generation_config is never read.
 
     Returns N = P * n dicts in prompt-major order (the n samples of prompt 0, then of prompt 1, ...):
@@ -199,7 +199,10 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
     stops = set() if ignore_eos else set(stop_ids)
     strings = [] if ignore_eos else [s for s in stop_strings or () if s]
     window = max((len(s.encode()) for s in strings), default=0)  # a token holds >= 1 byte
-    with torch.no_grad(), dist.unsharded(model):
+    if dist.is_sharded(model):
+        raise ValueError("generate() decodes a plain module; pass rlmt.dist.full_copy(model) for an FSDP2 model "
+                         "(its hooks would gather weights and run collectives at every decode step)")
+    with torch.no_grad():
         cfg, device = model.config, model.inv_freq.device
         slots = min(batch_size, N)
         S = max(map(len, prompts)) + max_new_tokens
@@ -211,7 +214,7 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
         draws = torch.zeros(slots, max_new_tokens, device=device)  # each slot's sample's uniforms
         step = torch.compile(decode_one_token, dynamic=False) if compile else decode_one_token
         if cuda_graph is None:
-            cuda_graph = device.type == "cuda" and not dist.is_sharded(model)
+            cuda_graph = device.type == "cuda"
         static = compile or cuda_graph  # every slot decoded each step, over the whole cache width
         bucket = 256 if device.type == "cuda" else 1
         if sync_every is None:
@@ -330,8 +333,8 @@ class _GraphedStep:
     by hand keeps the graph tied to this call's cache, so no recompile follows a new cache."""
 
     def __init__(self, step, model, cache, slots, device):
-        if device.type != "cuda" or dist.is_sharded(model):
-            raise ValueError("cuda_graph needs a CUDA device and a model that is not FSDP-sharded")
+        if device.type != "cuda":
+            raise ValueError("cuda_graph needs a CUDA device")
         self.tok = torch.zeros(slots, dtype=torch.long, device=device)
         self.pos = torch.zeros(slots, dtype=torch.long, device=device)
         side = torch.cuda.Stream(device)

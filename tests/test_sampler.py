@@ -1,5 +1,5 @@
 """rlmt.sampler against independent references: transformers' greedy generate, a naive no-cache loop, and
-the trainer's chunked log-probs on the same tokens; rlmt.dist.unsharded under two FSDP2 processes."""
+the trainer's chunked log-probs on the same tokens; rlmt.dist.full_copy under two FSDP2 processes."""
 
 import json
 import os
@@ -358,59 +358,75 @@ def test_compiled_decode_equals_eager(llama, llama_tokenizer):
 
 # ----------------------------------------------------------------------------- rlmt.dist
 
-def test_dist_single_process(monkeypatch, llama):
+def test_dist_single_process(monkeypatch, llama_dir, llama_tokenizer):
+    """No torchrun: rank 0 of a one-process group kept in memory, so a trained model is an FSDP2 module
+    here as under torchrun. The sampler refuses it and decodes its full_copy, a plain module that gives the
+    plain model's tokens; a plain model already in the asked dtype is its own copy."""
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    assert dist.init() == (0, 1, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
-    assert dist.is_main() and not torch.distributed.is_initialized()
-    with dist.unsharded(llama) as m:  # a plain module: nothing to do
-        assert m is llama
-    dist.cleanup()
+    try:
+        assert dist.init() == (0, 1, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+        assert dist.is_main() and torch.distributed.get_world_size() == 1
+        plain = M.from_pretrained(llama_dir)
+        with dist.full_copy(plain) as m:
+            assert m is plain
+        trained = dist.shard(M.from_pretrained(llama_dir), torch.device("cpu"), torch.float32)
+        prompts = [llama_tokenizer("the sky is")["input_ids"]]
+        kw = dict(max_new_tokens=8, temperature=0.0)
+        with pytest.raises(ValueError, match="full_copy"):
+            sampler.generate(trained, prompts, **kw)
+        with dist.full_copy(trained) as copy:
+            assert not dist.is_sharded(copy)
+            got = sampler.generate(copy, prompts, **kw)
+        assert got[0]["tokens"] == sampler.generate(plain, prompts, **kw)[0]["tokens"]
+    finally:
+        dist.cleanup()
+    assert not torch.distributed.is_initialized()
 
 
 FSDP_SCRIPT = """
 import json, sys
 import torch
 import torch.distributed as tdist
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 sys.path.insert(0, {root!r})
 from rlmt import dist, sampler
 from rlmt import model as M
 
 rank, world, device = dist.init()
-plain, sharded = M.from_pretrained({path!r}), M.from_pretrained({path!r})
-for layer in sharded.model.layers:
-    fully_shard(layer)
-fully_shard(sharded)
+plain = M.from_pretrained({path!r})
+sharded = dist.shard(M.from_pretrained({path!r}), device, torch.float32)  # trained: fp32, FSDP2
 g = torch.Generator().manual_seed(1)
 prompts = [torch.randint(0, 300, (k,), generator=g).tolist() for k in (5, 17, 9)]
 new = 6 + 5 * rank  # the ranks decode different numbers of steps: nothing may wait on the other
 kw = dict(n=2, max_new_tokens=new, temperature=0, batch_size=3)
 want = sampler.generate(plain, prompts, **kw)
 
-calls = []  # every collective of torch.distributed, counted
+calls = []  # every collective of torch.distributed (FSDP2's hooks use these), counted
 names = [n for n in dir(tdist) if callable(getattr(tdist, n))
          and n.lstrip("_").startswith(("all_", "reduce", "broadcast", "gather", "scatter"))]
 for n in names:
     setattr(tdist, n, lambda *a, _f=getattr(tdist, n), _n=n, **k: calls.append(_n) or _f(*a, **k))
-with dist.unsharded(sharded):
+with dist.full_copy(sharded) as copy:
     entry = len(calls)
-    full = not isinstance(sharded.model.layers[0].mlp.up_proj.weight, DTensor)
-    got = sampler.generate(sharded, prompts, **kw)  # a nested unsharded: a no-op
+    got = sampler.generate(copy, prompts, **kw)
     in_loop = len(calls) - entry
-resharded = isinstance(sharded.model.layers[0].mlp.up_proj.weight, DTensor)
+    same = all(torch.equal(p, plain.state_dict()[k]) for k, p in copy.state_dict().items())
+still_sharded = isinstance(sharded.model.layers[0].mlp.up_proj.weight, DTensor)
+with dist.full_copy(sharded, torch.bfloat16) as copy:  # the rollout copy of a bf16-compute run
+    bf16 = all(torch.equal(p, plain.state_dict()[k].bfloat16()) for k, p in copy.state_dict().items())
 sharded(torch.tensor([prompts[0]])).logsumexp(-1).mean().backward()  # training still works afterwards
 grads = all(p.grad is not None for p in sharded.parameters())
-json.dump({{"equal": [s["tokens"] for s in got] == [s["tokens"] for s in want], "entry": entry, "full": full,
-           "in_loop": in_loop, "resharded": resharded, "grads": grads}}, open({out!r} + str(rank), "w"))
+json.dump({{"equal": [s["tokens"] for s in got] == [s["tokens"] for s in want], "in_loop": in_loop, "same": same, "bf16": bf16, "sharded": still_sharded, "grads": grads}},
+          open({out!r} + str(rank), "w"))
 dist.cleanup()
 """
 
 
-def test_unsharded_fsdp2_two_processes(llama_dir, tmp_path):
-    """fully_shard on each block then the root, 2 gloo processes: the same greedy tokens as one process,
-    one all-gather per FSDP module on entry and no collective inside generate."""
+def test_full_copy_of_an_fsdp2_model_two_processes(llama_dir, tmp_path):
+    """dist.shard on 2 gloo processes, then dist.full_copy: the plain copy holds the full weights (in
+    fp32, and cast to bf16 when asked), decodes the same greedy tokens as one process with no collective
+    inside generate, and leaves the trained model sharded and trainable."""
     script = tmp_path / "fsdp_generate.py"
     script.write_text(FSDP_SCRIPT.format(root=ROOT, path=llama_dir, out=str(tmp_path / "rank")))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -419,4 +435,4 @@ def test_unsharded_fsdp2_two_processes(llama_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in range(2):
         res = json.loads((tmp_path / f"rank{rank}").read_text())
-        assert res == {"equal": True, "entry": 3, "full": True, "in_loop": 0, "resharded": True, "grads": True}
+        assert res == {"equal": True, "in_loop": 0, "same": True, "bf16": True, "sharded": True, "grads": True}
