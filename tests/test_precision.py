@@ -67,8 +67,9 @@ def test_bf16_compute_moves_every_fp32_master(bf16_qwen, qwen_rm_dir, rl_prompts
     assert row["sampler_logp_diff"] < 2e-2 and row["skipped_steps"] == 0
 
 
-def test_bf16_two_ranks_equal_one_process(llama_dir, tmp_path):
-    """bf16 compute, fp32 masters, torchrun --nproc_per_node 2 (gloo) == one process after two SFT steps.
+def test_bf16_two_ranks_and_resume_equal_one_process(llama_dir, tmp_path):
+    """bf16 compute, fp32 masters: torchrun --nproc_per_node 2 (gloo), and one step + resume + one step,
+    each == one process after two SFT steps.
     Each micro-batch is the same bf16 computation in both runs; only the fp32 reduction order differs.
     Adam's first steps move a weight by about ±lr whatever its gradient's size, so the weights are compared
     through the update, relative to its norm: a rank that trained on its own half of the batch would be off
@@ -94,6 +95,12 @@ def test_bf16_two_ranks_equal_one_process(llama_dir, tmp_path):
     delta_a = torch.cat([(wa[k] - w0[k]).flatten() for k in w0])
     delta_b = torch.cat([(wb[k] - w0[k]).flatten() for k in w0])
     assert (delta_a - delta_b).norm() < 0.05 * delta_a.norm(), ((delta_a - delta_b).norm(), delta_a.norm())
+    # resume from the fp32 masters and moments: the same two steps, to the last bit
+    part = str(tmp_path / "part")
+    run_script("train_sft.py", *common, "--out", part, "--stop-after", 1)
+    run_script("train_sft.py", *common, "--out", part, "--resume", os.path.join(part, "state"))
+    wc = load_file(os.path.join(part, "policy", "model.safetensors"))
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
 
 
 def test_a_non_finite_gradient_skips_the_step():
