@@ -42,13 +42,29 @@ def assert_close_to_scale(actual, expected, rel=1e-5, msg=""):
     assert err <= rel * max(scale, 1e-30), f"{msg}: max |diff| {err:.3g} > {rel:g} x max |expected| {scale:.3g}"
 
 
-def assert_metrics_close(a, b, keys, rel):
-    """Two runs' metrics.jsonl rows, step by step: each key within `rel` of its size, or `rel` absolutely
-    for values near 0 (a KL of ~0 carries the rounding of the log-probs it is computed from, not its own)."""
+def assert_metrics_close(a, b, keys, rel, floor=None):
+    """Two runs' metrics.jsonl rows, step by step: each key within `rel` of its size, or within `floor`
+    (default `rel`, i.e. rel of 1) for values near 0: a KL or a margin of ~0 carries the rounding of the
+    larger quantities it is computed from, not of its own size."""
     assert [x["step"] for x in a] == [y["step"] for y in b]
+    floor = rel if floor is None else floor
     for x, y in zip(a, b):
         for k in keys:
-            assert x[k] == pytest.approx(y[k], rel=rel, abs=rel), (x["step"], k, x[k], y[k])
+            assert x[k] == pytest.approx(y[k], rel=rel, abs=floor), (x["step"], k, x[k], y[k])
+
+
+def assert_same_update(init, a, b, rel=5e-3):
+    """Two training runs from the state dict `init` ended at state dicts a and b: ||Δa - Δb|| <= rel ||Δa||
+    over all weights, Δ = final - init (a weight not in init, a fresh head, counts whole). Not weight by
+    weight: Adam moves a weight by ~lr a step whatever its gradient's size, so a gradient entry near 0
+    turns its rounding into up to ±lr. Measured: another summation order 2e-5, single weights already off
+    by 1% of lr; one weight's sign flipped would be 2-4e-3. An SFT rank that trained on its own half of the
+    batch was 0.5 off; that run's update of one tensor alone, 8e-2 (2048 weights) to 7e-3 (a 64-weight norm)."""
+    assert a.keys() == b.keys()
+    da = torch.cat([(a[k] - init[k] if k in init else a[k]).flatten() for k in a])
+    db = torch.cat([(b[k] - init[k] if k in init else b[k]).flatten() for k in a])
+    err, size = (da - db).norm().item(), da.norm().item()
+    assert err <= rel * size, f"||Δa - Δb|| {err:.3g} > {rel:g} x ||Δa|| {size:.3g}"
 
 
 SHARED_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "rlmt-wildchat-if",

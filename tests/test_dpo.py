@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlmt import chat, data, losses, model as M, pairs, reward
-from conftest import assert_close_to_scale, assert_metrics_close, run_script
+from conftest import assert_close_to_scale, assert_metrics_close, assert_same_update, run_script
 
 REWARDS = '''
 def length(prompts, answers):
@@ -195,11 +195,13 @@ def test_precomputed_and_live_reference_agree(built, llama_dir, kind):
     # the same code path: precomputed on the training batch's grouping, bit for bit the live values
     again = loss_and_grads(live_lp.clone(), live_n.clone())
     assert torch.equal(again[0], live[0]) and all(torch.equal(a, b) for a, b in zip(again[1], live[1]))
-    # grouped differently (one pair a forward): float rounding only
+    # grouped differently (one pair a forward): float rounding only, of reference sums of ~50 log-probs
+    # (~65). The loss and its gradient move by β·δh: 1e-5 of 65 in h is ~1e-4 of them (measured 1.4e-6);
+    # one reference sum off by 0.1 nat already moves them by ~5e-3
     precomputed = loss_and_grads(pre_lp, pre_n)
-    assert_close_to_scale(precomputed[0], live[0], 1e-5, "loss")
+    assert_close_to_scale(precomputed[0], live[0], 1e-4, "loss")
     for a, b in zip(precomputed[1], live[1]):
-        assert_close_to_scale(a, b, 1e-5, "gradient")
+        assert_close_to_scale(a, b, 1e-4, "gradient")
 
 
 # ----------------------------------------------------------------------------- train_dpo.py
@@ -221,8 +223,10 @@ def test_margin_and_accuracy_rise(trained):
     assert [m["step"] for m in rows] == [1, 2, 3, 4, 5, 6]
     for k in ("loss", "reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp", "grad_norm", "lr"):
         assert k in rows[0], k
-    # step 1: the policy is the reference, so the precomputed reference matches it: h = 0, loss = ln 2
-    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and abs(rows[0]["reward_margin"]) < 1e-5
+    # step 1: the policy is the reference, so the precomputed reference matches it: h = 0, loss = ln 2, up to
+    # rounding of h = (π_c - ref_c) - (π_r - ref_r), sums of ~50 log-probs (~65) in two groupings: 1e-5 of β·65·2
+    zero = 1e-5 * 0.1 * 2 * abs(rows[0]["chosen_logp"])  # ≈ 1.3e-4; a reference that differs: β·h ~ 0.1 or more
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=zero) and abs(rows[0]["reward_margin"]) < zero
     last = rows[-2:]
     assert min(m["reward_margin"] for m in last) > 0.1, [m["reward_margin"] for m in rows]
     assert min(m["reward_accuracy"] for m in last) >= 0.75, [m["reward_accuracy"] for m in rows]
@@ -236,7 +240,8 @@ def test_resume_equals_uninterrupted(trained, built, llama_dir, tmp_path):
     run(*train_args(llama_dir, built[0], part, "--resume", os.path.join(part, "state")))
     a, b = read_jsonl(os.path.join(trained, "metrics.jsonl")), read_jsonl(os.path.join(part, "metrics.jsonl"))
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
-    assert_metrics_close(a, b, ("loss", "reward_margin", "grad_norm", "lr"), rel=1e-6)  # resume replays the same computations: equal to the last bit, any CPU
+    # resume replays the same computations (same shapes, same order): bit for bit on any one CPU
+    assert_metrics_close(a, b, ("loss", "reward_margin", "grad_norm", "lr"), rel=1e-6)
 
 
 def test_fsdp_two_ranks_equal_one_process(trained, built, llama_dir, tmp_path):
@@ -246,16 +251,17 @@ def test_fsdp_two_ranks_equal_one_process(trained, built, llama_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = read_jsonl(os.path.join(trained, "metrics.jsonl")), read_jsonl(os.path.join(two, "metrics.jsonl"))
     assert len(a) == len(b) == 6
-    # chosen_logp is a sum of ~50 log-probs (~65): relative, not absolute; 2 ranks: another fp32 reduction order
-    assert_metrics_close(a, b, ("loss", "reward_margin", "chosen_logp", "grad_norm"), rel=1e-5)
+    # 2 ranks: another fp32 reduction order. chosen_logp is a sum of ~50 log-probs (~65): relative, not
+    # absolute; the margin β h (and the loss, a function of it) carries the rounding of those sums, whatever
+    # its own size: 1e-5 of β·65·2 ≈ 1.3e-4
+    assert_metrics_close(a, b, ("chosen_logp", "grad_norm"), rel=1e-5)
+    assert_metrics_close(a, b, ("loss", "reward_margin"), rel=1e-5, floor=1.3e-4)
     # h is float noise around 0 at step 1, so is the fraction with h > 0
     assert_metrics_close(a[1:], b[1:], ("reward_accuracy",), rel=1e-5)
     from safetensors.torch import load_file
     wa = load_file(os.path.join(trained, "policy", "model.safetensors"))
     wb = load_file(os.path.join(two, "policy", "model.safetensors"))
-    # weights: Adam moves each by ~lr per step, scaled by m / sqrt(v), whatever the gradient's size, so
-    # rounding in the gradients shifts a weight by ~lr x (its relative error), far below 1e-5
-    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    assert_same_update(load_file(os.path.join(llama_dir, "model.safetensors")), wa, wb)
 
 
 def test_bad_input_gets_clear_messages(files, llama_dir, tmp_path):

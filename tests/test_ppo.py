@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import assert_metrics_close, run_script
+from conftest import assert_metrics_close, assert_same_update, run_script
 
 
 def run(*args, **kw):
@@ -57,12 +57,14 @@ def test_fsdp_two_ranks_equal_one_process(one, llama_dir, llama_rm_dir, rl_promp
     run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, two, "--steps", 2, *FULL), nproc=2)
     a, b = metrics(one), metrics(two)
     assert [m["step"] for m in b] == [1, 2]
-    assert_metrics_close(a, b, ("reward_mean", "response_len", "value_loss", "explained_variance", "grad_norm",
-                                "critic_grad_norm"), rel=1e-5)  # 2 ranks: another fp32 reduction order
-    # weights: Adam moves each by ~lr per step, scaled by m / sqrt(v), whatever the gradient's size, so
-    # rounding in the gradients shifts a weight by ~lr x (its relative error), far below 1e-5
-    assert max_diff(weights(one, "policy"), weights(two, "policy")) < 1e-5
-    assert max_diff(weights(one, "critic"), weights(two, "critic")) < 1e-5
+    # 2 ranks: another fp32 reduction order
+    assert_metrics_close(a, b, ("reward_mean", "response_len", "value_loss", "grad_norm", "critic_grad_norm"), rel=1e-5)
+    # 1 - Var[R - V] / Var[R] from all-reduced sums of squares: the cancellation multiplies their rounding
+    # (measured 6e-6 here); per-rank statistics would be off by 1e-1 or more
+    assert_metrics_close(a, b, ("explained_variance",), rel=1e-5, floor=1e-4)
+    init = weights(llama_dir, ".")  # the critic starts from the policy's trunk and a fresh head
+    assert_same_update(init, weights(one, "policy"), weights(two, "policy"))
+    assert_same_update(init, weights(one, "critic"), weights(two, "critic"))
 
 
 def test_resume_equals_uninterrupted(one, llama_dir, llama_rm_dir, rl_prompts, tmp_path):
@@ -72,9 +74,10 @@ def test_resume_equals_uninterrupted(one, llama_dir, llama_rm_dir, rl_prompts, t
                    "--resume", os.path.join(part, "state")))
     a, b = metrics(one), metrics(part)
     assert [m["step"] for m in b] == [1, 2]
+    # resume replays the same computations (same shapes, same order): bit for bit on any one CPU
     assert_metrics_close(a, b, ("reward_mean", "kl", "entropy", "value_loss", "value_mean", "adv_mean",
                                 "explained_variance", "grad_norm", "critic_grad_norm", "clip_frac",
-                                "value_clip_frac"), rel=1e-6)  # resume replays the same computations: equal to the last bit, any CPU
+                                "value_clip_frac"), rel=1e-6)
     assert max_diff(weights(one, "policy"), weights(part, "policy")) < 1e-6
     assert max_diff(weights(one, "critic"), weights(part, "critic")) < 1e-6
 

@@ -417,8 +417,8 @@ with dist.full_copy(sharded, torch.bfloat16) as copy:  # the rollout copy of a b
     bf16 = all(torch.equal(p, plain.state_dict()[k].bfloat16()) for k, p in copy.state_dict().items())
 sharded(torch.tensor([prompts[0]])).logsumexp(-1).mean().backward()  # training still works afterwards
 grads = all(p.grad is not None for p in sharded.parameters())
-json.dump({{"equal": [s["tokens"] for s in got] == [s["tokens"] for s in want], "in_loop": in_loop, "same": same, "bf16": bf16, "sharded": still_sharded, "grads": grads}},
-          open({out!r} + str(rank), "w"))
+json.dump({{"equal": [s["tokens"] for s in got] == [s["tokens"] for s in want], "in_loop": in_loop, "same": same,
+           "bf16": bf16, "sharded": still_sharded, "grads": grads}}, open({out!r} + str(rank), "w"))
 dist.cleanup()
 """
 
