@@ -133,14 +133,10 @@ def full_copy(model, dtype=None):
     with torch.no_grad():
         state = {}
         for name, p in params.items():
-            t = p.detach().to(dtype)
-            state[name] = t.full_tensor() if _is_dtensor(t) else t.clone()
+            t = p.detach().to(dtype)  # a plain tensor already in `dtype` is shared: the copy is only read
+            state[name] = t.full_tensor() if _is_dtensor(t) else t
         copy = assemble(model.config, model.hf_config, state, device=model.inv_freq.device)
-    del state
-    try:
-        yield copy.eval().requires_grad_(False)
-    finally:
-        del copy
+    yield copy.eval().requires_grad_(False)
 
 
 def all_reduce_sum(x):
