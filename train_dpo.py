@@ -68,18 +68,18 @@ p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight de
 p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
 p.add_argument("--max-len", type=int, default=4096, help="tokens per sequence (prompt + completion) in training")
 cli.add_precision_args(p)  # --dtype, --save-dtype, --max-skipped-steps: as in GRPO and PPO
-p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
-p.add_argument("--save-every", type=int, default=50, help="export + training state every N steps (0: end only)")
+cli.add_memory_args(p)  # --activation-checkpointing, --plan and the GPUs it plans for
 p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
 p.add_argument("--stop-after", type=int, help="end this run after step N, saving (the lr schedule still spans "
                "the whole run; --resume continues it), e.g. to fit a job time limit")
-p.add_argument("--resume", help="training state folder to resume from (OUT/state)")
+cli.add_checkpoint_args(p, save_every=50)  # --save-every --keep-last --resume --dist-timeout: as in GRPO and PPO
 p.add_argument("--demo", action="store_true", help="tiny offline CPU demo (builds its own model and pairs)")
 args = p.parse_args()
 
 if args.demo:
     from rlmt import demo
     demo.apply_dpo_defaults(args, p)
+checkpointing = cli.memory_check(args, p, "dpo")  # --plan prints and exits; a GPU run that cannot fit stops here
 for flag in ("model", "data"):
     if not getattr(args, flag):
         p.error(f"--{flag} is required (or use --demo)")
@@ -112,13 +112,11 @@ if args.batch_size // world % args.micro_batch_size:
             f"divisible by --micro-batch-size {args.micro_batch_size}; use a micro-batch size that divides it")
 if args.max_len < 2:
     p.error("--max-len must be at least 2")
-if args.resume and not os.path.exists(os.path.join(args.resume, "trainer_state.json")):
-    sys.exit(f"error: --resume {args.resume}: no trainer_state.json; not a training state folder "
-             f"(resume from <out>/state)")
+resume_from = cli.resume_state(args)  # the state folder to load, or None; a bad --resume fails here
 
 # --- init -----------------------------------------------------------------------------------------------
 
-rank, world, device = dist.init()
+rank, world, device = dist.init(timeout=cli.dist_timeout(args))
 torch.manual_seed(args.seed)
 dtype = cli.torch_dtype(args.dtype, device)
 os.makedirs(os.path.dirname(os.path.abspath(pairs_path)) if args.build_pairs else args.out, exist_ok=True)
@@ -131,7 +129,7 @@ try:
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 export_dtype = cli.save_dtype(args, policy)
-policy.gradient_checkpointing = args.activation_checkpointing
+policy.gradient_checkpointing = checkpointing
 policy = dist.shard(policy, device, dtype)
 
 # --- pairs: sample, score, select (skipped for prompts already done) -------------------------------------
@@ -144,6 +142,7 @@ if build:
                                max_new_tokens=args.max_new_tokens, strict=args.strict,
                                min_valid=args.min_parseable, max_pair_len=args.max_pair_len, seed=args.seed,
                                chunk_prompts=args.chunk_prompts, batch_size=args.sample_batch_size,
+                               gpu_memory_utilization=args.gpu_memory_utilization,
                                progress=dist.is_main())
     del rm
     if dist.is_main():
@@ -212,13 +211,15 @@ policy.train()
 
 opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
 start, skipped = 0, optim.SkippedSteps(args.max_skipped_steps)
-if args.resume:  # after the reference pass: that one needed the starting weights
-    resumed = checkpoint.load_state(args.resume, {"policy": policy}, {"policy": opt})
+if resume_from:  # after the reference pass: that one needed the starting weights
+    resumed = checkpoint.load_state(resume_from, {"policy": policy}, {"policy": opt})
     start, skipped.total = resumed["step"], resumed.get("skipped_steps", 0)
-    if dist.is_main():
-        log.truncate_after(args.out, start)
-        print(f"resumed from {args.resume} at step {start}")
+if dist.is_main() and args.resume:  # drop what a killed run logged after its checkpoint
+    log.truncate_after(args.out, start)
+    print(f"resumed from {resume_from} at step {start}" if resume_from else f"--resume auto: no checkpoint in "
+          f"{args.out}, starting fresh")
 tb = log.tensorboard(args.out) if dist.is_main() else None
+preemption = checkpoint.Preemption(device)  # SIGTERM: save at the end of the step, exit 0
 
 
 def pairs_for(step):
@@ -231,9 +232,9 @@ def pairs_for(step):
 
 
 def save(step):
-    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer, export_dtype)
-    checkpoint.save_state(os.path.join(args.out, "state"), {"policy": policy}, {"policy": opt},
-                          {"step": step, "skipped_steps": skipped.total, "args": vars(args)})
+    checkpoint.save(args.out, step, {"policy": policy}, {"policy": opt},
+                    {"step": step, "skipped_steps": skipped.total, "args": vars(args)},
+                    exports={"policy": (policy, tokenizer, export_dtype)}, keep_last=args.keep_last)
 
 
 # --- loop -----------------------------------------------------------------------------------------------
@@ -279,8 +280,14 @@ for step in bar:
                         acc=f"{metrics['reward_accuracy']:.2f}", lr=f"{lr:.3g}")
     skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
 
-    if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == end:
+    # save; on SIGTERM (any rank) this step too, then exit
+    due = (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == end
+    if due:
         save(step + 1)
+    if step + 1 < end and preemption.requested():
+        if not due:
+            save(step + 1)
+        preemption.stop(step + 1, args.out)
 
 # --- save -----------------------------------------------------------------------------------------------
 
@@ -288,6 +295,7 @@ if args.demo and build and world == 1:  # sampling a sharded model needs every r
     demo.dpo_report(policy, tokenizer, pairs_path, args)
 if dist.is_main():
     plot = log.plot_rewards(args.out, keys=("reward_margin", "reward_accuracy"))
-    print(f"metrics: {os.path.join(args.out, 'metrics.jsonl')}\npolicy:  {os.path.join(args.out, 'policy')}"
-          f"\nstate:   {os.path.join(args.out, 'state')}" + (f"\nplot:    {plot}" if plot else ""))
+    latest = os.path.join(args.out, checkpoint.LATEST)
+    print(f"metrics: {os.path.join(args.out, 'metrics.jsonl')}\npolicy:  {os.path.join(latest, 'policy')}"
+          f"\nstate:   {os.path.join(latest, 'state')}" + (f"\nplot:    {plot}" if plot else ""))
 dist.cleanup()

@@ -14,10 +14,14 @@ One step (Bhaskar, Ye & Chen 2025, §2; GRPO from DeepSeekMath):
 What is simplified, on purpose: one optimizer step per rollout (the paper's setting), so the "old"
 log-probs are the current ones detached and the ratio is exactly 1 — clipping is kept for forks that
 take several steps per rollout. The sampler's own log-probs are compared with the trainer's each step
-(`sampler_logp_diff`) to catch a temperature or kernel mismatch. The reward model is replicated on each
-rank (no collectives while scoring); the policy and the reference are sharded with FSDP2. Precision: the
-policy's weights, gradients and AdamW state are fp32, its forward and backward run in --dtype (bf16 on a
-GPU), the sampler decodes a bf16 copy, and the reference and reward model are stored in bf16.
+(`sampler_logp_diff`) to catch a temperature or kernel mismatch. Precision: the policy's weights, gradients
+and AdamW state are fp32, its forward and backward run in --dtype (bf16 on a GPU), the sampler decodes a
+bf16 copy, and the reference and reward model are stored in bf16.
+
+Memory (rlmt.memory; `--plan` prints it for any cluster): the policy, the reference and the reward model
+are all FSDP2-sharded; each phase frees what it held before the next: the rollout copy and the KV cache
+(sized from what the card has left) before scoring, the reward model's and the reference's gathered
+weights after their forwards. An 8B run on 8×80 GB peaks at ~72 GiB a GPU while sampling, ~40 training.
 """
 
 import argparse
@@ -41,11 +45,12 @@ args = p.parse_args()
 if args.demo:
     from rlmt import demo
     demo.apply_grpo_defaults(args, p)
+checkpointing = cli.memory_check(args, p, "grpo")  # --plan prints and exits; a GPU run that cannot fit stops here
 rows, eval_rows, reward_fn, total_steps = cli.check(args, p)
 
 # --- init -----------------------------------------------------------------------------------------------
 
-rank, world, device = dist.init()
+rank, world, device = dist.init(timeout=cli.dist_timeout(args))
 torch.manual_seed(args.seed)
 dtype = cli.torch_dtype(args.dtype, device)
 os.makedirs(args.out, exist_ok=True)
@@ -59,10 +64,10 @@ try:
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 export_dtype = cli.save_dtype(args, policy)
-policy.gradient_checkpointing = args.activation_checkpointing
+policy.gradient_checkpointing = checkpointing
 policy = dist.shard(policy, device, dtype).train()
 ref = None
-if args.kl_coef > 0:  # the frozen initial policy
+if args.kl_coef > 0:  # the frozen initial policy, sharded like the reward model (FSDP2 when world > 1)
     ref = dist.shard(M.from_pretrained(args.model, dtype=dtype), device, dtype, train=False).eval()
 rm = reward.RewardModel(args.reward_model, device=device, dtype=dtype) if args.reward_model else None
 sampling = dict(rm=rm, reward_fn=reward_fn, seed=args.seed, **cli.rollout_kwargs(args))  # every rollout's
@@ -71,19 +76,22 @@ sampling = dict(rm=rm, reward_fn=reward_fn, seed=args.seed, **cli.rollout_kwargs
 
 opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
 start, skipped = 0, optim.SkippedSteps(args.max_skipped_steps)
-if args.resume:
-    resumed = checkpoint.load_state(args.resume, {"policy": policy}, {"policy": opt})
+resume_from = cli.resume_state(args)  # None: start fresh (also --resume auto in an OUT with no checkpoint)
+if resume_from:
+    resumed = checkpoint.load_state(resume_from, {"policy": policy}, {"policy": opt})
     start, skipped.total = resumed["step"], resumed.get("skipped_steps", 0)
-    if dist.is_main():
-        log.truncate_after(args.out, start)
-        print(f"resumed from {args.resume} at step {start}")
+if dist.is_main() and args.resume:  # drop what a killed run logged after its checkpoint
+    log.truncate_after(args.out, start)
+    print(f"resumed from {resume_from} at step {start}" if resume_from else f"--resume auto: no checkpoint in "
+          f"{args.out}, starting fresh")
 tb = log.tensorboard(args.out) if dist.is_main() else None
+preemption = checkpoint.Preemption(device)  # SIGTERM: save at the end of the step, exit 0
 
 
 def save(step):
-    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer, export_dtype)
-    checkpoint.save_state(os.path.join(args.out, "state"), {"policy": policy}, {"policy": opt},
-                          {"step": step, "skipped_steps": skipped.total, "args": vars(args)})
+    checkpoint.save(args.out, step, {"policy": policy}, {"policy": opt},
+                    {"step": step, "skipped_steps": skipped.total, "args": vars(args)},
+                    exports={"policy": (policy, tokenizer, export_dtype)}, keep_last=args.keep_last)
 
 
 # --- loop -----------------------------------------------------------------------------------------------
@@ -103,21 +111,24 @@ for step in bar:
     t0 = time.perf_counter()
     mask = b["response_mask"]
     count = dist.all_reduce_sum(losses.aggregate_count(mask, args.loss_agg).to(device))
+    micro = [slice(s, s + args.micro_batch_size) for s in range(0, mask.shape[0], args.micro_batch_size)]
+    if ref is not None:  # the reference's log-probs first, then its full weights are freed for the training
+        with torch.no_grad():
+            ref_logps = [sequence_logprobs(ref, b["input_ids"][s], b["attention_mask"][s], b["position_ids"][s],
+                                           args.temperature, start=prompt_len)[0] for s in micro]
+        dist.reshard(ref)
     stats = []
-    for s in range(0, mask.shape[0], args.micro_batch_size):
-        mb = {k: v[s:s + args.micro_batch_size] for k, v in b.items()}
+    for i, s in enumerate(micro):
+        mb = {k: v[s] for k, v in b.items()}
         m = mb["response_mask"]
         ids, am, pos = mb["input_ids"], mb["attention_mask"], mb["position_ids"]
-        if ref is not None:
-            with torch.no_grad():
-                ref_logp, _ = sequence_logprobs(ref, ids, am, pos, args.temperature, start=prompt_len)
         logp, ent = sequence_logprobs(policy, ids, am, pos, args.temperature,
                                       with_entropy=args.entropy_coef > 0, start=prompt_len)
-        pg, pm = losses.policy_loss(logp, logp.detach(), adv[s:s + args.micro_batch_size], m,
+        pg, pm = losses.policy_loss(logp, logp.detach(), adv[s], m,
                                     args.clip_low, args.clip_high, args.dual_clip)
         per_token = pg
         if ref is not None:
-            kl = losses.kl(logp, ref_logp, args.kl_kind, mask=m)
+            kl = losses.kl(logp, ref_logps[i], args.kl_kind, mask=m)
             per_token = per_token + args.kl_coef * kl
             pm["kl"] = losses.masked_mean(kl.detach(), m)
         if ent is not None:
@@ -145,12 +156,18 @@ for step in bar:
         bar.set_postfix(log.progress_postfix(metrics))
     skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
 
-    # save
-    if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
+    # save; on SIGTERM (any rank) this step too, then exit
+    due = (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps
+    if due:
         save(step + 1)
+    if step + 1 < total_steps and preemption.requested():
+        if not due:
+            save(step + 1)
+        preemption.stop(step + 1, args.out)
 
 # --- save -----------------------------------------------------------------------------------------------
 
 if dist.is_main():
-    log.report(args.out, policy=os.path.join(args.out, "policy"), state=os.path.join(args.out, "state"))
+    latest = os.path.join(args.out, checkpoint.LATEST)
+    log.report(args.out, policy=os.path.join(latest, "policy"), state=os.path.join(latest, "state"))
 dist.cleanup()

@@ -56,6 +56,7 @@ args = p.parse_args()
 if args.demo:
     from rlmt import demo
     demo.apply_ppo_defaults(args, p)
+checkpointing = cli.memory_check(args, p, "ppo")  # --plan prints and exits; a GPU run that cannot fit stops here
 if args.ppo_epochs < 1 or args.mini_batches < 1:
     p.error("--ppo-epochs and --mini-batches must be at least 1")
 if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1):
@@ -68,7 +69,7 @@ rows, eval_rows, reward_fn, total_steps = cli.check(args, p, mini_batches=args.m
 
 # --- init -----------------------------------------------------------------------------------------------
 
-rank, world, device = dist.init()
+rank, world, device = dist.init(timeout=cli.dist_timeout(args))
 torch.manual_seed(args.seed)  # also the value head's init: the same on every rank
 dtype = cli.torch_dtype(args.dtype, device)
 os.makedirs(args.out, exist_ok=True)
@@ -87,7 +88,7 @@ try:
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 export_dtype = cli.save_dtype(args, policy)
-policy.gradient_checkpointing = critic.gradient_checkpointing = args.activation_checkpointing
+policy.gradient_checkpointing = critic.gradient_checkpointing = checkpointing
 policy = dist.shard(policy, device, dtype).train()  # both trained: fp32 masters, --dtype compute
 critic = dist.shard(critic, device, dtype).train()
 ref = None
@@ -103,20 +104,24 @@ critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.
                                weight_decay=args.weight_decay)
 models, optimizers = {"policy": policy, "critic": critic}, {"policy": opt, "critic": critic_opt}
 start, skipped = 0, optim.SkippedSteps(args.max_skipped_steps)
-if args.resume:
-    resumed = checkpoint.load_state(args.resume, models, optimizers)
+resume_from = cli.resume_state(args)  # None: start fresh (also --resume auto in an OUT with no checkpoint)
+if resume_from:
+    resumed = checkpoint.load_state(resume_from, models, optimizers)
     start, skipped.total = resumed["step"], resumed.get("skipped_steps", 0)
-    if dist.is_main():
-        log.truncate_after(args.out, start)
-        print(f"resumed from {args.resume} at step {start}")
+if dist.is_main() and args.resume:  # drop what a killed run logged after its checkpoint
+    log.truncate_after(args.out, start)
+    print(f"resumed from {resume_from} at step {start}" if resume_from else f"--resume auto: no checkpoint in "
+          f"{args.out}, starting fresh")
 tb = log.tensorboard(args.out) if dist.is_main() else None
+preemption = checkpoint.Preemption(device)  # SIGTERM: save at the end of the step, exit 0
 
 
 def save(step):
-    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer, export_dtype)
-    checkpoint.export(critic, os.path.join(args.out, "critic"), tokenizer, export_dtype)  # reads the policy's tokens
-    checkpoint.save_state(os.path.join(args.out, "state"), models, optimizers,
-                          {"step": step, "skipped_steps": skipped.total, "args": vars(args)})
+    checkpoint.save(args.out, step, models, optimizers,
+                    {"step": step, "skipped_steps": skipped.total, "args": vars(args)},
+                    exports={"policy": (policy, tokenizer, export_dtype),
+                             "critic": (critic, tokenizer, export_dtype)},  # the critic reads the policy's tokens
+                    keep_last=args.keep_last)
 
 
 # --- loop -----------------------------------------------------------------------------------------------
@@ -143,6 +148,9 @@ for step in bar:
             old_values.append(sequence_values(critic, *x))
             if ref is not None:
                 ref_logp.append(sequence_logprobs(ref, *x, args.temperature, start=prompt_len)[0])
+    for m in (policy, critic, ref):  # after a no-grad forward FSDP2 keeps each root's full weights: free them
+        if m is not None:
+            dist.reshard(m)
     b["old_logp"], b["old_values"] = torch.cat(old_logp), torch.cat(old_values)
     if ref is not None:
         b["ref_logp"] = torch.cat(ref_logp)
@@ -216,13 +224,19 @@ for step in bar:
         bar.set_postfix(log.progress_postfix(metrics))
     skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
 
-    # save
-    if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
+    # save; on SIGTERM (any rank) this step too, then exit
+    due = (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps
+    if due:
         save(step + 1)
+    if step + 1 < total_steps and preemption.requested():
+        if not due:
+            save(step + 1)
+        preemption.stop(step + 1, args.out)
 
 # --- save -----------------------------------------------------------------------------------------------
 
 if dist.is_main():
-    log.report(args.out, policy=os.path.join(args.out, "policy"), critic=os.path.join(args.out, "critic"),
-               state=os.path.join(args.out, "state"))
+    latest = os.path.join(args.out, checkpoint.LATEST)
+    log.report(args.out, policy=os.path.join(latest, "policy"), critic=os.path.join(latest, "critic"),
+               state=os.path.join(latest, "state"))
 dist.cleanup()

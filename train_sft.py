@@ -49,18 +49,18 @@ p.add_argument("--max-len", type=int, default=4096,
                help="tokens per conversation (cut at the end); the row length with --pack")
 p.add_argument("--pack", action="store_true", help="pack conversations into rows of --max-len tokens")
 cli.add_precision_args(p)  # --dtype, --save-dtype, --max-skipped-steps: as in GRPO and PPO
-p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
-p.add_argument("--save-every", type=int, default=200, help="export + training state every N steps (0: end only)")
+cli.add_memory_args(p)  # --activation-checkpointing, --plan and the GPUs it plans for
 p.add_argument("--seed", type=int, default=0, help="seed for the data order")
 p.add_argument("--stop-after", type=int, help="end this run after step N, saving (the lr schedule still spans "
                "the whole run; --resume continues it), e.g. to fit a job time limit")
-p.add_argument("--resume", help="training state folder to resume from (OUT/state)")
+cli.add_checkpoint_args(p, save_every=200)  # --save-every --keep-last --resume --dist-timeout: as in GRPO and PPO
 p.add_argument("--demo", action="store_true", help="tiny offline CPU demo (builds its own model and data)")
 args = p.parse_args()
 
 if args.demo:
     from rlmt import demo
     demo.apply_sft_defaults(args, p)
+checkpointing = cli.memory_check(args, p, "sft")  # --plan prints and exits; a GPU run that cannot fit stops here
 for flag in ("model", "data"):
     if not getattr(args, flag):
         p.error(f"--{flag} is required (or use --demo)")
@@ -71,9 +71,7 @@ if args.batch_size % world:
     p.error(f"--batch-size {args.batch_size} must be divisible by the number of ranks {world}")
 if args.max_len < 2:
     p.error("--max-len must be at least 2")
-if args.resume and not os.path.exists(os.path.join(args.resume, "trainer_state.json")):
-    sys.exit(f"error: --resume {args.resume}: no trainer_state.json; not a training state folder "
-             f"(resume from <out>/state)")
+resume_from = cli.resume_state(args)  # the state folder to load, or None; a bad --resume fails here
 try:
     rows = data.load_sft(args.data)
     tokenizer = chat.load_tokenizer(args.model)
@@ -96,7 +94,7 @@ total_steps = args.steps or max(1, int(args.epochs * steps_per_epoch))
 
 # --- init -----------------------------------------------------------------------------------------------
 
-rank, world, device = dist.init()
+rank, world, device = dist.init(timeout=cli.dist_timeout(args))
 torch.manual_seed(args.seed)
 dtype = cli.torch_dtype(args.dtype, device)
 os.makedirs(args.out, exist_ok=True)
@@ -112,19 +110,21 @@ try:
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 export_dtype = cli.save_dtype(args, policy)
-policy.gradient_checkpointing = args.activation_checkpointing
+policy.gradient_checkpointing = checkpointing
 policy = dist.shard(policy, device, dtype).train()
 pad_id = chat.pad_id(tokenizer)
 
 opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
 start, skipped = 0, optim.SkippedSteps(args.max_skipped_steps)
-if args.resume:
-    resumed = checkpoint.load_state(args.resume, {"policy": policy}, {"policy": opt})
+if resume_from:
+    resumed = checkpoint.load_state(resume_from, {"policy": policy}, {"policy": opt})
     start, skipped.total = resumed["step"], resumed.get("skipped_steps", 0)
-    if dist.is_main():
-        log.truncate_after(args.out, start)
-        print(f"resumed from {args.resume} at step {start}")
+if dist.is_main() and args.resume:  # drop what a killed run logged after its checkpoint
+    log.truncate_after(args.out, start)
+    print(f"resumed from {resume_from} at step {start}" if resume_from else f"--resume auto: no checkpoint in "
+          f"{args.out}, starting fresh")
 tb = log.tensorboard(args.out) if dist.is_main() else None
+preemption = checkpoint.Preemption(device)  # SIGTERM: save at the end of the step, exit 0
 
 
 def examples_for(step):
@@ -138,9 +138,9 @@ def examples_for(step):
 
 
 def save(step):
-    checkpoint.export(policy, os.path.join(args.out, "policy"), tokenizer, export_dtype)
-    checkpoint.save_state(os.path.join(args.out, "state"), {"policy": policy}, {"policy": opt},
-                          {"step": step, "skipped_steps": skipped.total, "args": vars(args)})
+    checkpoint.save(args.out, step, {"policy": policy}, {"policy": opt},
+                    {"step": step, "skipped_steps": skipped.total, "args": vars(args)},
+                    exports={"policy": (policy, tokenizer, export_dtype)}, keep_last=args.keep_last)
 
 
 # --- loop -----------------------------------------------------------------------------------------------
@@ -192,8 +192,14 @@ for step in bar:
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{lr:.3g}", tok_s=f"{metrics['tokens_per_s']:.3g}")
     skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
 
-    if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == end:
+    # save; on SIGTERM (any rank) this step too, then exit
+    due = (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == end
+    if due:
         save(step + 1)
+    if step + 1 < end and preemption.requested():
+        if not due:
+            save(step + 1)
+        preemption.stop(step + 1, args.out)
 
 # --- save -----------------------------------------------------------------------------------------------
 
@@ -202,6 +208,7 @@ if args.demo and world == 1:  # sampling a sharded model needs every rank
         for q in ("name three color?", "tell me about river?"):
             demo.show(policy.eval(), tokenizer, [{"role": "user", "content": q}])
 if dist.is_main():
-    print(f"metrics: {os.path.join(args.out, 'metrics.jsonl')}\npolicy:  {os.path.join(args.out, 'policy')}"
-          f"\nstate:   {os.path.join(args.out, 'state')}")
+    latest = os.path.join(args.out, checkpoint.LATEST)
+    print(f"metrics: {os.path.join(args.out, 'metrics.jsonl')}\npolicy:  {os.path.join(latest, 'policy')}"
+          f"\nstate:   {os.path.join(latest, 'state')}")
 dist.cleanup()

@@ -12,12 +12,13 @@ A flag lives here only if it means the same thing in every script that has it.
 """
 
 import argparse
+import datetime
 import os
 import sys
 
 import torch
 
-from rlmt import chat, data, losses, reward
+from rlmt import chat, checkpoint, data, losses, reward
 from rlmt.model import checkpoint_dtype
 
 
@@ -53,12 +54,11 @@ def add_common_args(p):
     p.add_argument("--max-prompt-len", type=int, default=1024, help="prompt tokens kept (left-truncated; Zero: 896)")
     p.add_argument("--max-new-tokens", type=int, default=4096, help="response token budget")
     add_precision_args(p)
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
-    p.add_argument("--save-every", type=int, default=50, help="export + training state every N steps (0: end only)")
+    add_memory_args(p)
     p.add_argument("--eval-every", type=int, default=25, help="validate every N steps (0: never)")
     p.add_argument("--samples-per-step", type=int, default=4, help="rows written to samples.jsonl each step")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
-    p.add_argument("--resume", help="training state folder to resume from (OUT/state)")
+    add_checkpoint_args(p, save_every=50)
     p.add_argument("--demo", action="store_true", help="tiny offline CPU demo (builds its own model and data)")
 
 
@@ -67,6 +67,34 @@ def _positive_int(text):
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
+
+
+def _non_negative_int(text):
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {n}")
+    return n
+
+
+def _positive_float(text):
+    x = float(text)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return x
+
+
+def add_checkpoint_args(p, save_every):
+    """The checkpoint flags of every trainer (GRPO, PPO, SFT, DPO); `save_every`: the script's default."""
+    p.add_argument("--save-every", type=_non_negative_int, default=save_every, metavar="N",
+                   help="save OUT/checkpoints/step-NNNNNN (exports + training state) every N steps (0: end only)")
+    p.add_argument("--keep-last", type=_non_negative_int, default=1, metavar="K",
+                   help="keep the training states of the newest K saved steps (0: all); the exports of every saved "
+                        "step are kept")
+    p.add_argument("--resume", help="auto: the last complete checkpoint in --out if there is one (else start fresh); "
+                                    "or an OUT folder, a step folder OUT/checkpoints/step-NNNNNN, or its state/")
+    p.add_argument("--dist-timeout", type=_positive_float, default=30.0, metavar="MINUTES",
+                   help="how long a rank waits in a collective for the others (NCCL's default, 10, is shorter than "
+                        "a long rollout or rank 0's export of an 8B model)")
 
 
 def add_precision_args(p):
@@ -81,6 +109,122 @@ def add_precision_args(p):
                         "models); the resumable state keeps the fp32 masters")
     p.add_argument("--max-skipped-steps", type=_positive_int, default=5,
                    help="optimizer steps are skipped when the gradient norm is NaN/inf; stop after this many in a row")
+
+
+def add_memory_args(p):
+    """The memory flags of every trainer: activation checkpointing and the memory plan (rlmt.memory)."""
+    p.add_argument("--activation-checkpointing", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="recompute each block in the backward (auto: on a GPU, on unless the memory plan shows a "
+                        "micro-batch's activations fit without it, as they do not at RLMT's 5,120 tokens; off on "
+                        "the CPU)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what each GPU holds in each phase (from the model configs, no weights) and exit")
+    p.add_argument("--world-size", type=_positive_int,
+                   help="GPUs to plan for with --plan (default: torchrun's WORLD_SIZE, else 1)")
+    p.add_argument("--gpu-memory-gb", type=float,
+                   help="memory of one GPU in GiB, to plan for (default: this GPU's; 80 without one)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of each GPU the run may fill (vLLM's meaning): the plan's budget; the sampler's KV "
+                        "cache takes what the rest leaves of it, --sample-batch-size slots at most")
+
+
+def memory_plan(args, kind, world, card, checkpointing):
+    """The memory plan (rlmt.memory.plan) of script `kind` ("grpo", "ppo", "dpo", "sft") with these flags,
+    for `world` GPUs of `card` bytes; built from the config.json files alone."""
+    from rlmt import memory
+    policy = memory.shapes(memory.read_config(args.model))
+    c = 4 if args.dtype == "float32" else 2  # planned for GPUs: auto is bf16 there
+    rm = memory.shapes(memory.read_config(args.reward_model)) if getattr(args, "reward_model", None) else None
+    kw = dict(policy=policy, world=world, card=card, utilization=args.gpu_memory_utilization, c=c, reward_model=rm)
+    if kind in ("grpo", "ppo"):
+        prompts = max(1, args.prompts_per_step // world)
+        length = args.max_prompt_len + args.max_new_tokens
+        kw.update(sampling=dict(samples=prompts * args.group_size, slots=args.sample_batch_size, prompts=prompts,
+                                prompt_len=args.max_prompt_len, new_tokens=args.max_new_tokens),
+                  scoring=dict(batch=8, length=min(5120, length)),  # RewardModel's batch_size and max_len
+                  training=dict(rows=args.micro_batch_size, length=length, checkpointing=checkpointing, padded=True))
+        if args.kl_coef > 0:
+            kw["reference"] = policy
+        if kind == "ppo":
+            start = args.model if args.critic_init == "policy" else args.reward_model
+            kw["critic"] = memory.shapes(memory.read_config(start), head="score")
+    elif kind == "dpo":
+        if rm is not None:  # the pairs are sampled first
+            prompts = max(1, args.chunk_prompts // world)
+            kw.update(sampling=dict(samples=prompts * args.group_size, slots=args.sample_batch_size,
+                                    prompts=prompts, prompt_len=args.max_prompt_len, new_tokens=args.max_new_tokens),
+                      scoring=dict(batch=8, length=min(5120, args.max_prompt_len + args.max_new_tokens)))
+        kw["training"] = dict(rows=args.micro_batch_size, length=args.max_len, checkpointing=checkpointing,
+                              padded=True, pairs=True)
+    else:
+        kw["training"] = dict(rows=args.micro_batch_size, length=args.max_len, checkpointing=checkpointing,
+                              padded=True)
+    return memory.plan(**kw)
+
+
+def _memory_hints(args, kind, world, card, ckpt):
+    """Concrete changes that make a plan fit: checkpointing, a smaller --micro-batch-size, more GPUs."""
+    from rlmt import memory
+
+    def fits(w=world, mb=args.micro_batch_size, on=ckpt):
+        changed = argparse.Namespace(**{**vars(args), "micro_batch_size": mb})
+        return not memory.problems(memory_plan(changed, kind, w, card, on))
+    per_step = getattr(args, "prompts_per_step", None) or args.batch_size  # split over ranks: must divide
+    hints = ["--activation-checkpointing on"] if not ckpt and fits(on=True) else []
+    mb = next((m for m in range(args.micro_batch_size - 1, 0, -1) if fits(mb=m, on=True)), None)
+    if mb is not None:
+        hints.append(f"--micro-batch-size {mb}" + ("" if ckpt else " --activation-checkpointing on"))
+    for mb in dict.fromkeys((args.micro_batch_size, 1)):
+        more = next((w for w in (16, 32, 64, 128) if w > world and per_step % w == 0 and fits(w, mb, True)), None)
+        if more is not None:
+            hints.append(f"{more} GPUs of this size (the fp32 state is sharded over them)"
+                         + (f" and --micro-batch-size {mb}" if mb != args.micro_batch_size else ""))
+            break
+    return hints
+
+
+def memory_check(args, p, kind):
+    """Before any weights load: --plan prints the memory plan and exits; a GPU run is refused, with what to
+    change, when a phase cannot fit. Resolves --activation-checkpointing auto -> True / False."""
+    from rlmt import memory
+    cuda = torch.cuda.is_available()
+    if not args.plan and not cuda:
+        return args.activation_checkpointing == "on"  # the CPU: tiny models, nothing to plan
+    if not args.model:
+        p.error("--model is required (or use --demo)")
+    if args.gpu_memory_gb is not None and args.gpu_memory_gb <= 0:
+        p.error(f"--gpu-memory-gb must be positive, got {args.gpu_memory_gb}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        p.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    if args.gpu_memory_gb:
+        card = int(args.gpu_memory_gb * memory.GiB)
+    else:
+        card = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory if cuda \
+            else 80 * memory.GiB
+    ckpt = args.activation_checkpointing == "on"
+    try:
+        plan = memory_plan(args, kind, world, card, ckpt)
+        if args.activation_checkpointing == "auto" and any(x.startswith("training") for x in memory.problems(plan)):
+            ckpt, plan = True, memory_plan(args, kind, world, card, True)
+        bad = memory.problems(plan)
+        hints = _memory_hints(args, kind, world, card, ckpt) if bad else []
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    main = int(os.environ.get("RANK", 0)) == 0
+    title = f"memory plan for {kind}, activation checkpointing {'on' if ckpt else 'off'}"
+    if args.plan:
+        if main:
+            print("\n".join([memory.format_plan(plan, title)] + [f"it would fit with {h}" for h in hints]))
+        sys.exit(0)
+    if bad:
+        sys.exit("error: this run does not fit its GPUs (see --plan):\n  " + "\n  ".join(
+            bad + [f"it would fit with {h}" for h in hints]) if main else 1)
+    if main:
+        print(f"{title}: peak " + ", ".join(f"{ph} {plan.peak(ph) / memory.GiB:.1f}" for ph in plan.phases)
+              + f" GiB of {plan.budget / memory.GiB:.1f} per GPU"
+              + (f"; KV cache {plan.slots} slots" if plan.slots else ""))
+    return ckpt
 
 
 def check(args, p, mini_batches=1):
@@ -114,9 +258,7 @@ def check(args, p, mini_batches=1):
         reward_fn = reward.load_reward_fn(args.reward_fn) if args.reward_fn else None
     except (ValueError, FileNotFoundError, ImportError, AttributeError) as e:
         sys.exit(f"error: {e}")
-    if args.resume and not os.path.exists(os.path.join(args.resume, "trainer_state.json")):
-        sys.exit(f"error: --resume {args.resume}: no trainer_state.json; not a training state folder "
-                 f"(resume from <out>/state)")
+    resume_state(args)  # a bad --resume fails here, before any model loads
     if args.temperature <= 0:
         p.error("--temperature must be > 0 for training (log-probs are computed at it); greedy is for eval")
     if len(rows) < args.prompts_per_step:
@@ -125,10 +267,25 @@ def check(args, p, mini_batches=1):
     return rows, eval_rows, reward_fn, total_steps
 
 
+def resume_state(args):
+    """--resume -> the training state folder to load, or None (start fresh); one clear error and exit when
+    there is no checkpoint where it says (rlmt.checkpoint.find_resume)."""
+    try:
+        return checkpoint.find_resume(args.resume, args.out)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+def dist_timeout(args):
+    """--dist-timeout (minutes) -> the timedelta dist.init passes to init_process_group."""
+    return datetime.timedelta(minutes=args.dist_timeout)
+
+
 def rollout_kwargs(args):
     """The flags every rollout of a run shares (training and validation), as rollout.rollout() kwargs."""
     return dict(template=args.template, max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
-                top_p=args.top_p, strict=args.strict, batch_size=args.sample_batch_size)
+                top_p=args.top_p, strict=args.strict, batch_size=args.sample_batch_size,
+                gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 def torch_dtype(name, device):

@@ -24,11 +24,13 @@ import torch
 import torch.distributed as tdist
 
 
-def init():
+def init(timeout=None):
     """Join the process group torchrun describes, or a one-process group -> (rank, world_size, device).
 
     device: cuda:LOCAL_RANK when CUDA is available (and made current), else cpu. Without torchrun's
-    environment the process is rank 0 of 1, in a group kept in memory (no port is opened)."""
+    environment the process is rank 0 of 1, in a group kept in memory (no port is opened).
+    timeout: a datetime.timedelta, how long a collective waits for every rank (None: torch's default, 10
+    minutes under NCCL, which a long rollout or rank 0's export of an 8B model exceeds)."""
     cuda = torch.cuda.is_available()
     torchrun = "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if torchrun else (0, 1)
@@ -38,7 +40,7 @@ def init():
     if not tdist.is_initialized():
         store = {} if torchrun else {"store": tdist.HashStore()}
         tdist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                 device_id=device if cuda else None, **store)
+                                 device_id=device if cuda else None, timeout=timeout, **store)
     return rank, world, device
 
 
@@ -121,15 +123,12 @@ def full_copy(model, dtype=None):
     released on exit. A plain model already in `dtype` is handed back as is, without a copy.
     Fresh on every call, so it always holds the weights of the last optimizer step."""
     from rlmt.model import assemble
-    from torch.distributed.fsdp import FSDPModule
     dtype = dtype or getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
     params = dict(model.named_parameters())  # tied: one entry
     if not is_sharded(model) and all(p.dtype == dtype for p in params.values()):
         yield model
         return
-    for m in model.modules():  # FSDP2 leaves its root unsharded after a no-grad forward
-        if isinstance(m, FSDPModule):
-            m.reshard()
+    reshard(model)
     with torch.no_grad():
         state = {}
         for name, p in params.items():
@@ -137,6 +136,17 @@ def full_copy(model, dtype=None):
             state[name] = t.full_tensor() if _is_dtensor(t) else t
         copy = assemble(model.config, model.hf_config, state, device=model.inv_freq.device)
     yield copy.eval().requires_grad_(False)
+
+
+def reshard(model):
+    """Free the full weights FSDP2 still holds for `model` (no-op for a plain module). FSDP2 keeps its root
+    (embeddings, final norm, head: 2 GB of an 8B in bf16) unsharded after a forward, expecting the
+    backward; after a no-grad forward (reference log-probs, reward scoring) nothing else frees them."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return model
 
 
 def all_reduce_sum(x):

@@ -43,10 +43,18 @@ def truncate_after(out_dir, step):
         if not os.path.exists(path):
             continue
         with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            keep = [line for line in f if _step_of(line) <= step]
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)
+
+
+def _step_of(line):
+    """The step a jsonl line belongs to; a torn line (a machine that died mid-write) counts as after all."""
+    try:
+        return json.loads(line).get("step", 0) if line.strip() else math.inf
+    except json.JSONDecodeError:
+        return math.inf
 
 
 def log_step(out_dir, step, metrics, samples=(), tb=None):

@@ -80,7 +80,8 @@ def _append(path, rows):
 
 def build_pairs(policy, tokenizer, rows, out_path, *, template, rm=None, reward_fn=None, group_size=8,
                 temperature=0.7, top_p=1.0, max_prompt_len=1024, max_new_tokens=4096, strict=False, min_valid=4,
-                max_pair_len=8192, seed=0, chunk_prompts=64, batch_size=64, progress=True):
+                max_pair_len=8192, seed=0, chunk_prompts=64, batch_size=64, gpu_memory_utilization=0.9,
+                progress=True):
     """Sample, score and select pairs for `rows` (load_prompts records), appending to `out_path`.
 
     Every rank must call it (under torchrun each chunk's prompts are split over ranks and the results
@@ -114,8 +115,11 @@ def build_pairs(policy, tokenizer, rows, out_path, *, template, rm=None, reward_
                 ro = rollout.rollout(rollout_model, tokenizer, [rows[j] for j in mine], template=template,
                                      group_size=group_size, rm=rm, reward_fn=reward_fn, max_prompt_len=max_prompt_len,
                                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                     strict=strict, seed=[(seed << 32) + j for j in mine], batch_size=batch_size)
+                                     strict=strict, seed=[(seed << 32) + j for j in mine], batch_size=batch_size,
+                                     gpu_memory_utilization=gpu_memory_utilization)
                 local = _select(ro, [rows[j] for j in mine], mine, group_size, template, min_valid, max_pair_len)
+            elif rm is not None:
+                rm.score([], [])  # a sharded reward model: join the other ranks' forwards
             if world > 1:
                 gathered = [None] * world
                 tdist.all_gather_object(gathered, local)

@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from rlmt import chat
+from rlmt import chat, dist
 
 
 def _preview(prompt, n=60):
@@ -110,7 +110,12 @@ class RewardModel:
                 raise ValueError(f"reward model {path_or_alias!r} is a {arch}, not a reward model "
                                  "(…ForSequenceClassification with one label)")
             self.backend = "rlmt"
-            self.model = from_pretrained(folder, dtype=dtype, device=device)
+            # Loaded on the CPU, then put on the device by dist.shard: FSDP2-sharded when there are several
+            # ranks (an 8B in bf16 is 15 GiB replicated, 1.9 GiB a rank on 8), plain in one process.
+            self.model = from_pretrained(folder, dtype=dtype)
+            if device is not None:
+                self.model = dist.shard(self.model, torch.device(device), next(self.model.parameters()).dtype,
+                                        train=False)
         else:  # another architecture: transformers runs it (lazy import, as in the rest of rlmt)
             from transformers import AutoModelForSequenceClassification
             self.backend = "transformers"
@@ -155,7 +160,9 @@ class RewardModel:
 
         Rows are sorted by length (longest first, so an out-of-memory shows on the first batch) and cut
         into micro-batches of `batch_size`, right-padded; the results come back in input order.
-        Under FSDP every rank runs one forward per micro-batch: give every rank the same N.
+        A sharded model (FSDP2, several ranks) gathers its weights in every forward, a collective: every
+        rank must call this, and the ranks agree on the number of forwards (a rank with fewer rows, or
+        none, runs one-token forwards to match). Its full weights are released afterwards.
         """
         n = len(ids)
         if any(len(r) == 0 for r in ids):
@@ -163,9 +170,18 @@ class RewardModel:
         order = sorted(range(n), key=lambda i: -len(ids[i]))
         scores = torch.empty(n, dtype=torch.float32)
         device = next(self.model.parameters()).device
-        for s in range(0, n, self.batch_size):
-            rows = order[s:s + self.batch_size]
-            scores[rows] = self._forward([ids[i] for i in rows], device).float().cpu()
+        forwards = -(-n // self.batch_size)
+        sharded = self.backend == "rlmt" and dist.is_sharded(self.model)
+        if sharded:
+            forwards = int(dist.all_reduce_max(torch.tensor(forwards, device=device)))
+        for k in range(forwards):
+            rows = order[k * self.batch_size:(k + 1) * self.batch_size]
+            if rows:
+                scores[rows] = self._forward([ids[i] for i in rows], device).float().cpu()
+            else:
+                self._forward([[self.pad_id]], device)  # joins the other ranks' gathers
+        if sharded:
+            dist.reshard(self.model)
         return scores
 
     def _forward(self, rows, device):
@@ -204,7 +220,7 @@ class RewardModel:
         answers: the answer strings only (no thought).
         """
         if len(prompts) == 0 and len(answers) == 0:
-            return torch.empty(0)
+            return self.score_ids([])  # a sharded model's other ranks may be scoring: join them
         return check_finite(self.score_ids(self.encode(prompts, answers)), prompts, "reward model score")
 
 

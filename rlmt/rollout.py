@@ -5,8 +5,8 @@
          one scalar per sample, in prompt-major order: the G samples of a prompt are consecutive.
 
 The online trainers add three things around `rollout`: which prompts a rank takes at a step
-(`prompts_for`), sampling from an FSDP policy with seeds that do not depend on the number of ranks
-(`on_policy`), and greedy validation (`validate`); `metrics` gives the rollout's numbers for the log.
+(`prompts_for`), sampling with seeds that do not depend on the number of ranks (`on_policy`), and
+greedy validation (`validate`); `metrics` gives the rollout's numbers for the log.
 """
 
 import math
@@ -15,14 +15,18 @@ import time
 import numpy as np
 import torch
 
-from rlmt import chat, data, dist, reward, sampler
+from rlmt import chat, data, dist, memory, reward, sampler
 
 
 def rollout(policy, tokenizer, rows, *, template, group_size, rm=None, reward_fn=None, max_prompt_len=1024,
             max_new_tokens=4096, temperature=0.7, top_p=1.0, top_k=0, strict=False, seed=0, batch_size=64,
-            progress=False):
+            gpu_memory_utilization=0.9, progress=False):
     """Sample `group_size` responses for each row and score their answers.
 
+    policy: a plain model, or a trained FSDP2 one, which is gathered into a plain copy in its compute
+    dtype for sampling (dist.full_copy; every rank must call then). The phases free what they hold: the
+    copy and the KV cache are released before the answers are scored. batch_size: the most sampler slots;
+    on a GPU the KV cache takes what `gpu_memory_utilization` of the card leaves (memory.kv_slots).
     rows: prompt records ({"id", "messages"}), P of them. Returns a dict with N = P × group_size rows:
       batch: sampler.to_batch(...) tensors (input_ids / attention_mask / position_ids / response_mask /
              old_logprobs [N, T]) — the exact sampled token ids, never re-encoded text
@@ -32,10 +36,18 @@ def rollout(policy, tokenizer, rows, *, template, group_size, rm=None, reward_fn
     """
     t0 = time.perf_counter()
     prompt_ids, n_cut = data.encode_prompts(tokenizer, rows, template, max_prompt_len)
-    samples = sampler.generate(policy, prompt_ids, n=group_size, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, top_k=top_k,
-                               stop_ids=chat.stop_ids(tokenizer), seed=seed, batch_size=batch_size,
-                               progress=progress)
+    _release()  # training's activations go back to the driver, so the cache is sized from what is free
+    with dist.full_copy(policy) as model, torch.no_grad():
+        longest = max(map(len, prompt_ids), default=0)
+        reserve = memory.sampling_reserve(model.config, model.model.embed_tokens.weight.element_size(),
+                                          sum(map(len, prompt_ids)), batch_size, max_new_tokens)
+        slots = memory.kv_slots(model, longest + max_new_tokens, batch_size, gpu_memory_utilization, reserve)
+        samples = sampler.generate(model, prompt_ids, n=group_size, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, top_k=top_k,
+                                   stop_ids=chat.stop_ids(tokenizer), seed=seed, batch_size=slots,
+                                   progress=progress)
+    _release()  # the rollout copy and the KV cache (~55 GiB of an 8B run's 80): the reward model and
+    # training grow into them without the allocator's free-everything-and-retry path on the way
     t_sample = time.perf_counter() - t0
     stops = set(chat.stop_ids(tokenizer))
     texts, thoughts, answers, ok = [], [], [], []
@@ -63,6 +75,12 @@ def rollout(policy, tokenizer, rows, *, template, group_size, rm=None, reward_fn
     }
 
 
+def _release():
+    """Hand the memory torch's allocator caches but no tensor uses back to the GPU (no-op on the CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def sample_rows(ro, k=4):
     """A few rows for samples.jsonl: what the model actually writes, with its reward."""
     idx = range(0, len(ro["texts"]), max(1, len(ro["texts"]) // k))
@@ -84,15 +102,12 @@ def prompts_for(rows, step, per_step, seed, rank=0, world=1):
 
 
 def on_policy(policy, tokenizer, rows, *, step, first, seed, **kw):
-    """`rollout` from the policy's current weights: a trained policy (FSDP2, fp32 masters) is gathered
-    once into a plain copy in its compute dtype (dist.full_copy: bf16 on GPUs), which the sampler
-    decodes and which is released before the caller trains.
+    """`rollout` from the policy's current weights (a trained FSDP2 policy: every rank calls it).
 
     `first` is the index of rows[0] among the step's prompts across all ranks; each prompt's random stream
     is keyed by (seed, step, that index), so 1 rank and N ranks draw the same samples. kw: rollout's."""
     seeds = [(seed << 40) + (step << 20) + first + i for i in range(len(rows))]
-    with dist.full_copy(policy) as rollout_model, torch.no_grad():
-        return rollout(rollout_model, tokenizer, rows, seed=seeds, **kw)
+    return rollout(policy, tokenizer, rows, seed=seeds, **kw)
 
 
 def validate(policy, tokenizer, eval_rows, *, step, seed, rank=0, world=1, **kw):

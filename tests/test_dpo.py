@@ -230,14 +230,14 @@ def test_margin_and_accuracy_rise(trained):
     last = rows[-2:]
     assert min(m["reward_margin"] for m in last) > 0.1, [m["reward_margin"] for m in rows]
     assert min(m["reward_accuracy"] for m in last) >= 0.75, [m["reward_accuracy"] for m in rows]
-    assert os.path.exists(os.path.join(trained, "policy", "model.safetensors"))
+    assert os.path.exists(os.path.join(trained, "latest", "policy", "model.safetensors"))
 
 
 def test_resume_equals_uninterrupted(trained, built, llama_dir, tmp_path):
     """The reference is recomputed from --model before the state loads, so a resumed run sees it unchanged."""
     part = str(tmp_path / "part")
     run(*train_args(llama_dir, built[0], part, "--stop-after", 3))
-    run(*train_args(llama_dir, built[0], part, "--resume", os.path.join(part, "state")))
+    run(*train_args(llama_dir, built[0], part, "--resume", os.path.join(part, "latest", "state")))
     a, b = read_jsonl(os.path.join(trained, "metrics.jsonl")), read_jsonl(os.path.join(part, "metrics.jsonl"))
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
     # resume replays the same computations (same shapes, same order): bit for bit on any one CPU
@@ -259,8 +259,8 @@ def test_fsdp_two_ranks_equal_one_process(trained, built, llama_dir, tmp_path):
     # h is float noise around 0 at step 1, so is the fraction with h > 0
     assert_metrics_close(a[1:], b[1:], ("reward_accuracy",), rel=1e-5)
     from safetensors.torch import load_file
-    wa = load_file(os.path.join(trained, "policy", "model.safetensors"))
-    wb = load_file(os.path.join(two, "policy", "model.safetensors"))
+    wa = load_file(os.path.join(trained, "latest", "policy", "model.safetensors"))
+    wb = load_file(os.path.join(two, "latest", "policy", "model.safetensors"))
     assert_same_update(load_file(os.path.join(llama_dir, "model.safetensors")), wa, wb)
 
 

@@ -37,8 +37,8 @@ def test_runs_exports_and_logs(llama_dir, llama_rm_dir, rl_prompts, tmp_path):
     # the export loads in transformers and matches rlmt's logits; training moved the weights
     import transformers
     from rlmt import model as M
-    ours = M.from_pretrained(os.path.join(out, "policy"))
-    ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "policy")).eval()
+    ours = M.from_pretrained(os.path.join(out, "latest", "policy"))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "latest", "policy")).eval()
     ids = torch.randint(0, 300, (2, 10))
     with torch.no_grad():
         assert_close_to_scale(ours(ids), ref(input_ids=ids).logits, 1e-5, "logits vs transformers")
@@ -50,14 +50,14 @@ def test_resume_equals_uninterrupted(llama_dir, llama_rm_dir, rl_prompts, tmp_pa
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, full, "--steps", 4))
     run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, part, "--steps", 2))
-    run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, part, "--steps", 4, "--resume", os.path.join(part, "state")))
+    run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, part, "--steps", 4, "--resume", "auto"))
     a, b = metrics(full), metrics(part)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     # resume replays the same computations (same shapes, same order): bit for bit on any one CPU
     assert_metrics_close(a, b, ("reward_mean", "kl", "entropy", "grad_norm", "response_len"), rel=1e-6)
     from safetensors.torch import load_file
-    wa = load_file(os.path.join(full, "policy", "model.safetensors"))
-    wb = load_file(os.path.join(part, "policy", "model.safetensors"))
+    wa = load_file(os.path.join(full, "latest", "policy", "model.safetensors"))
+    wb = load_file(os.path.join(part, "latest", "policy", "model.safetensors"))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
 
 
@@ -103,6 +103,6 @@ def test_fsdp_two_ranks_equal_one_process(llama_dir, llama_rm_dir, rl_prompts, t
     # 2 ranks: another fp32 reduction order
     assert_metrics_close(a, b, ("reward_mean", "response_len", "kl", "grad_norm"), rel=1e-5)
     from safetensors.torch import load_file
-    wa = load_file(os.path.join(one, "policy", "model.safetensors"))
-    wb = load_file(os.path.join(two, "policy", "model.safetensors"))
+    wa = load_file(os.path.join(one, "latest", "policy", "model.safetensors"))
+    wb = load_file(os.path.join(two, "latest", "policy", "model.safetensors"))
     assert_same_update(load_file(os.path.join(llama_dir, "model.safetensors")), wa, wb)

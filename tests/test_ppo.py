@@ -31,9 +31,10 @@ def metrics(out):
         return [json.loads(line) for line in f]
 
 
-def weights(out, name):
+def weights(out, name=None):
+    """The export `name` of run OUT's latest checkpoint; without a name, the HF folder OUT itself."""
     from safetensors.torch import load_file
-    return load_file(os.path.join(out, name, "model.safetensors"))
+    return load_file(os.path.join(out, *(("latest", name) if name else ()), "model.safetensors"))
 
 
 def max_diff(a, b):
@@ -62,7 +63,7 @@ def test_fsdp_two_ranks_equal_one_process(one, llama_dir, llama_rm_dir, rl_promp
     # 1 - Var[R - V] / Var[R] from all-reduced sums of squares: the cancellation multiplies their rounding
     # (measured 6e-6 here); per-rank statistics would be off by 1e-1 or more
     assert_metrics_close(a, b, ("explained_variance",), rel=1e-5, floor=1e-4)
-    init = weights(llama_dir, ".")  # the critic starts from the policy's trunk and a fresh head
+    init = weights(llama_dir)  # the critic starts from the policy's trunk and a fresh head
     assert_same_update(init, weights(one, "policy"), weights(two, "policy"))
     assert_same_update(init, weights(one, "critic"), weights(two, "critic"))
 
@@ -71,7 +72,7 @@ def test_resume_equals_uninterrupted(one, llama_dir, llama_rm_dir, rl_prompts, t
     part = str(tmp_path / "part")
     run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, part, "--steps", 1, *FULL))
     run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, part, "--steps", 2, *FULL,
-                   "--resume", os.path.join(part, "state")))
+                   "--resume", part))
     a, b = metrics(one), metrics(part)
     assert [m["step"] for m in b] == [1, 2]
     # resume replays the same computations (same shapes, same order): bit for bit on any one CPU
@@ -98,9 +99,9 @@ def test_paper_settings_are_on_policy_and_export(llama_dir, llama_rm_dir, rl_pro
     assert m["sampler_logp_diff"] < 1e-4  # the sampler and the trainer agree on the log-probs
     assert "critic:" in r.stdout
     import transformers
-    critic = transformers.AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "critic"))
+    critic = transformers.AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "latest", "critic"))
     assert critic.config.num_labels == 1
-    rm = weights(llama_rm_dir, ".")
+    rm = weights(llama_rm_dir)
     trained = weights(out, "critic")
     assert rm.keys() == trained.keys() and not torch.equal(rm["score.weight"], trained["score.weight"])
 

@@ -28,10 +28,10 @@ def grpo_args(model, rm, data, out, *extra):
 
 
 def training_state(out, tmp_path):
-    """OUT/state's sharded checkpoint as one plain dict {"policy": {"model": …, "optim": …}}."""
+    """OUT/latest/state's sharded checkpoint as one plain dict {"policy": {"model": …, "optim": …}}."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     dst = str(tmp_path / "state.pt")
-    dcp_to_torch_save(os.path.join(out, "state", "sharded"), dst)
+    dcp_to_torch_save(os.path.join(out, "latest", "state", "sharded"), dst)
     return torch.load(dst, weights_only=False)
 
 
@@ -58,9 +58,9 @@ def test_bf16_compute_moves_every_fp32_master(bf16_qwen, qwen_rm_dir, rl_prompts
     moments = state["optim"]["state"]
     assert moments.keys() >= init.keys()
     assert all(s[m].dtype == torch.float32 for s in moments.values() for m in ("exp_avg", "exp_avg_sq"))
-    with open(os.path.join(out, "policy", "config.json")) as f:
+    with open(os.path.join(out, "latest", "policy", "config.json")) as f:
         assert json.load(f)["dtype"] == "bfloat16"
-    assert all(v.dtype == torch.bfloat16 for v in load_file(os.path.join(out, "policy", "model.safetensors")).values())
+    assert all(v.dtype == torch.bfloat16 for v in load_file(os.path.join(out, "latest", "policy", "model.safetensors")).values())
     # the sampler decoded a bf16 copy of the same masters: its log-probs agree with the trainer's to bf16's
     # resolution (measured 3e-4 to 3e-3 mean absolute here; an fp32 policy agrees to ~4e-7)
     row = metrics(out)[0]
@@ -89,15 +89,15 @@ def test_bf16_two_ranks_and_resume_equal_one_process(llama_dir, tmp_path):
         for k in ("loss", "grad_norm"):  # bf16 carries 8 significant bits: 2^-8 ≈ 0.4%
             assert x[k] == pytest.approx(y[k], rel=1e-2), (x["step"], k)
     w0 = load_file(os.path.join(llama_dir, "model.safetensors"))
-    wa = load_file(os.path.join(one, "policy", "model.safetensors"))
-    wb = load_file(os.path.join(two, "policy", "model.safetensors"))
+    wa = load_file(os.path.join(one, "latest", "policy", "model.safetensors"))
+    wb = load_file(os.path.join(two, "latest", "policy", "model.safetensors"))
     assert all(v.dtype == torch.float32 for v in wa.values())  # --save-dtype float32: the masters themselves
     assert_same_update(w0, wa, wb, rel=0.05)
     # resume from the fp32 masters and moments: the same two steps, to the last bit
     part = str(tmp_path / "part")
     run_script("train_sft.py", *common, "--out", part, "--stop-after", 1)
-    run_script("train_sft.py", *common, "--out", part, "--resume", os.path.join(part, "state"))
-    wc = load_file(os.path.join(part, "policy", "model.safetensors"))
+    run_script("train_sft.py", *common, "--out", part, "--resume", "auto")
+    wc = load_file(os.path.join(part, "latest", "policy", "model.safetensors"))
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
 
 

@@ -159,10 +159,10 @@ def test_learns_resumes_packs_and_shards(llama_dir, sft_file, tmp_path):
     assert [m["step"] for m in a] == [1, 2, 3, 4, 5, 6]
     assert a[-1]["loss"] < a[0]["loss"] - 1.0, [m["loss"] for m in a]  # the loss falls on a tiny dataset
     assert a[0]["lr"] == pytest.approx(3e-3 / 1) and a[-1]["lr"] < a[1]["lr"]  # 10% of 6: one warmup step
-    assert M.from_pretrained(os.path.join(full, "policy")).config.vocab_size > 0
+    assert M.from_pretrained(os.path.join(full, "latest", "policy")).config.vocab_size > 0
     # resume: 3 steps, stop, 3 more == 6 straight (the cosine schedule spans the 6 steps in both)
     run(*tiny_args(llama_dir, sft_file, part, "--steps", 6, "--stop-after", 3))
-    run(*tiny_args(llama_dir, sft_file, part, "--steps", 6, "--resume", os.path.join(part, "state")))
+    run(*tiny_args(llama_dir, sft_file, part, "--steps", 6, "--resume", os.path.join(part, "checkpoints", "step-000003")))
     b = metrics(part)
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
     assert_metrics_close(a, b, ("loss", "grad_norm", "lr"), rel=1e-6)  # the same computations: bit for bit
@@ -181,8 +181,8 @@ def test_learns_resumes_packs_and_shards(llama_dir, sft_file, tmp_path):
     assert any(m["rows"] != int(m["rows"]) for m in d)  # some step had unequal rows (a mean like 2.5)
     assert_metrics_close(c, d, ("loss", "grad_norm"), rel=1e-5)
     from safetensors.torch import load_file
-    wa = load_file(os.path.join(pack, "policy", "model.safetensors"))
-    wb = load_file(os.path.join(two, "policy", "model.safetensors"))
+    wa = load_file(os.path.join(pack, "latest", "policy", "model.safetensors"))
+    wb = load_file(os.path.join(two, "latest", "policy", "model.safetensors"))
     assert_same_update(load_file(os.path.join(llama_dir, "model.safetensors")), wa, wb)
 
 
