@@ -24,6 +24,10 @@ Sections (--only, run in the order given after the ceilings), each result also a
           1,024-5,120 tokens, 8 a micro-batch, right-padded: tokens/s, MFU, peak memory.
   grpo    `train_grpo.py` itself, 2 steps, on 1B-shaped random checkpoints written to --workdir: 16 prompts
           x 8 samples, up to 1,024 new tokens; the second step's t_sample / t_reward / t_train.
+  memory  the memory plan against the allocator: `train_grpo.py`, one step, on 3B-shaped random checkpoints
+          (fp32 masters, bf16 reference and reward model of the same shape) at the paper's lengths (8
+          prompts x 8 samples, prompts cut to 1,024, 4,096 new tokens), through bench/phase_peaks.py:
+          torch.cuda.max_memory_allocated in sampling, scoring and training next to rlmt.memory's peak.
 A --budget (seconds) bounds the run: measurements that would start after it are skipped and listed.
 """
 
@@ -44,10 +48,12 @@ from rlmt import model as M  # noqa: E402
 from rlmt import reward, sampler  # noqa: E402
 from rlmt.logprobs import sequence_logprobs  # noqa: E402
 
-# Llama 3.2 1B / 3.1 8B (config.json of the hub checkpoints); "tiny" is the --dry-run stand-in.
+# Llama 3.2 1B / 3.2 3B / 3.1 8B (config.json of the hub checkpoints); "tiny" is the --dry-run stand-in.
 SHAPES = {
     "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_factor=32.0),
+    "3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+               num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True, rope_factor=32.0),
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False, rope_factor=8.0),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -400,12 +406,51 @@ def section_grpo(rep, args, device, dtype):
     rep.guard("grpo", "2 steps", measure)
 
 
+def long_prompts(path, n, words):
+    """n prompts of `words` words each, so that every prompt is cut to --max-prompt-len (the plan's case)."""
+    import random
+    rng = random.Random(0)
+    vocab = "the a of to and in is it that for on with as was be by this are or from at which have".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            text = " ".join(rng.choice(vocab) for _ in range(words))
+            f.write(json.dumps({"id": f"long-{i}", "messages": [{"role": "user", "content": text}]}) + "\n")
+    return path
+
+
+def section_memory(rep, args, device, dtype):
+    def measure():
+        policy_dir, rm_dir = write_checkpoints(args.workdir, args.memory_model, device, dtype)
+        data = long_prompts(os.path.join(args.workdir, "long_prompts.jsonl"), args.memory_prompts,
+                            2 * args.memory_prompt_len)
+        result = os.path.join(args.workdir, "phase_peaks.json")
+        cmd = [sys.executable, os.path.join(ROOT, "bench", "phase_peaks.py"), result, os.path.join(ROOT, "train_grpo.py"),
+               "--model", policy_dir, "--reward-model", rm_dir, "--data", data,
+               "--out", os.path.join(args.workdir, "memory-run"), "--steps", "1", "--save-every", "0",
+               "--eval-every", "0", "--prompts-per-step", str(args.memory_prompts), "--group-size", "8",
+               "--max-prompt-len", str(args.memory_prompt_len), "--max-new-tokens", str(args.memory_new_tokens)]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60, rep.budget))
+        if r.returncode:
+            raise RuntimeError(f"phase_peaks.py exited {r.returncode}: {r.stderr.strip().splitlines()[-3:]}")
+        with open(result) as f:
+            res = json.load(f)
+        for phase, planned in res["plan"].items():
+            got = res["measured"].get(phase)
+            rep.add("memory", model=args.memory_model, phase=phase, plan_gib=planned / 2**30,
+                    measured_gib=got / 2**30 if got is not None else None,
+                    ratio=got / planned if got else None, checkpointing=res["checkpointing"],
+                    process_s=time.perf_counter() - t0)
+
+    rep.guard("memory", "1 step", measure)
+
+
 # --- main ---------------------------------------------------------------------------------------------
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="train;rm;decode:64;grpo;decode:1,256",
-                   help="sections to run after the ceilings, ';'-separated, in this order: train, rm, grpo, "
+                   help="sections to run after the ceilings, ';'-separated, in this order: train, rm, grpo, memory, "
                         "decode or decode:BATCHES or decode:BATCHES:VARIANTS (comma-separated lists)")
     p.add_argument("--models", default="1b,8b", help="decode: model shapes (1b, 8b)")
     p.add_argument("--batches", default="64,1,256", help="decode: batch sizes, in the order measured")
@@ -425,6 +470,10 @@ def main():
     p.add_argument("--grpo-new-tokens", type=int, default=1024, help="grpo: max new tokens")
     p.add_argument("--grpo-flag", action="append", default=[], dest="grpo_flags",
                    help="grpo: an extra flag for train_grpo.py (repeatable, e.g. --grpo-flag=--micro-batch-size=8)")
+    p.add_argument("--memory-model", default="3b", help="memory: policy and reward model shape")
+    p.add_argument("--memory-prompts", type=int, default=8, help="memory: prompts (x 8 samples): one rank's share")
+    p.add_argument("--memory-prompt-len", type=int, default=1024, help="memory: prompt tokens (every prompt is cut to it)")
+    p.add_argument("--memory-new-tokens", type=int, default=4096, help="memory: max new tokens")
     p.add_argument("--budget", type=float, default=420, help="seconds; later measurements are skipped")
     p.add_argument("--workdir", default="/tmp/rlmt-gpu-bench", help="grpo: where checkpoints and the run go")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu.jsonl (default $OUT)")
@@ -434,13 +483,14 @@ def main():
     args.batches, args.train_batch = [int(b) for b in args.batches.split(",")], [int(b) for b in args.train_batch.split(",")]
     args.rm_len = [int(n) for n in args.rm_len.split(",")]
     args.only = [part.split(":") for part in args.only.split(";")]  # [name, batches?, variants?]
-    unknown = {part[0] for part in args.only} - {"train", "rm", "decode", "grpo"}
+    unknown = {part[0] for part in args.only} - {"train", "rm", "decode", "grpo", "memory"}
     if unknown:
-        p.error(f"--only: unknown section(s) {', '.join(sorted(unknown))} (train, rm, decode, grpo)")
+        p.error(f"--only: unknown section(s) {', '.join(sorted(unknown))} (train, rm, decode, grpo, memory)")
     if args.dry_run:
         args.models, args.train_model, args.rm_model, args.grpo_model = ["tiny"], "tiny", "tiny", "tiny"
         args.batches, args.prompt_len, args.new_tokens, args.train_len = [2, 4], 16, 16, 64
         args.rm_rows, args.rm_len, args.grpo_prompts, args.grpo_new_tokens = 8, [16, 48], 2, 16
+        args.memory_model, args.memory_prompts, args.memory_prompt_len, args.memory_new_tokens = "tiny", 2, 16, 16
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if device.type != "cuda" and not args.dry_run:
         p.error("no GPU here; --dry-run checks the script on the CPU")
@@ -459,7 +509,8 @@ def main():
     bw, mm = section_ceilings(rep, device, args.dry_run)  # every other number is read against these
     sections = {"train": lambda: section_train(rep, args, device, dtype, mm),
                 "rm": lambda: section_rm(rep, args, device, dtype, mm),
-                "grpo": lambda: section_grpo(rep, args, device, dtype)}
+                "grpo": lambda: section_grpo(rep, args, device, dtype),
+                "memory": lambda: section_memory(rep, args, device, dtype)}
     for name, *spec in args.only:  # in the order given: the most wanted first, within the budget
         if name == "decode":  # decode:BATCHES[:VARIANTS] overrides --batches / --variants
             batches = [int(b) for b in spec[0].split(",")] if spec and not args.dry_run else args.batches
