@@ -270,8 +270,12 @@ class Transformer(nn.Module):
 # --- loading -------------------------------------------------------------------------------------------
 
 def resolve_path(path_or_alias: str) -> str:
-    """A local folder as is; an alias (ALIASES) or hub id downloaded with huggingface_hub (cached)."""
+    """A local folder as is; a training run's output folder (no config.json, but OUT/latest/policy) as its
+    newest export; an alias (ALIASES) or hub id downloaded with huggingface_hub (cached)."""
     if os.path.isdir(path_or_alias):
+        newest = os.path.join(path_or_alias, "latest", "policy")  # rlmt.checkpoint's layout
+        if not os.path.exists(os.path.join(path_or_alias, "config.json")) and os.path.isdir(newest):
+            return newest
         return path_or_alias
     repo = ALIASES.get(path_or_alias.lower(), path_or_alias)
     looks_local = path_or_alias.startswith((".", "/", "~")) or os.sep * 2 in path_or_alias \

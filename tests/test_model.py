@@ -207,3 +207,14 @@ def test_from_pretrained_mistral_and_untied_qwen(tmp_path, qwen_tokenizer):
             valid = am.bool()
             assert_close_to_scale(ours(ids, am, pos)[valid],
                                   ref(input_ids=ids, attention_mask=am, position_ids=pos).logits[valid], 1e-5)
+
+
+def test_a_run_folder_resolves_to_its_newest_export(llama_dir, tmp_path):
+    """`--model runs/grpo` (sample.py, eval.py, a warm start) reads OUT/latest/policy, the newest export."""
+    import shutil
+    step = tmp_path / "run" / "checkpoints" / "step-000003"
+    shutil.copytree(llama_dir, step / "policy")
+    os.symlink(os.path.join("checkpoints", "step-000003"), tmp_path / "run" / "latest")
+    assert M.resolve_path(str(tmp_path / "run")) == str(tmp_path / "run" / "latest" / "policy")
+    assert M.from_pretrained(str(tmp_path / "run")).config.vocab_size == M.from_pretrained(llama_dir).config.vocab_size
+    assert M.resolve_path(llama_dir) == llama_dir  # a model folder is itself
