@@ -121,7 +121,7 @@ def add_memory_args(p):
                    help="print what each GPU holds in each phase (from the model configs, no weights) and exit")
     p.add_argument("--world-size", type=_positive_int,
                    help="GPUs to plan for with --plan (default: torchrun's WORLD_SIZE, else 1)")
-    p.add_argument("--gpu-memory-gb", type=float,
+    p.add_argument("--gpu-memory-gb", type=_positive_float,
                    help="memory of one GPU in GiB, to plan for (default: this GPU's; 80 without one)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="share of each GPU the run may fill (vLLM's meaning): the plan's budget; the sampler's KV "
@@ -192,8 +192,6 @@ def memory_check(args, p, kind):
         return args.activation_checkpointing == "on"  # the CPU: tiny models, nothing to plan
     if not args.model:
         p.error("--model is required (or use --demo)")
-    if args.gpu_memory_gb is not None and args.gpu_memory_gb <= 0:
-        p.error(f"--gpu-memory-gb must be positive, got {args.gpu_memory_gb}")
     if not 0 < args.gpu_memory_utilization <= 1:
         p.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))

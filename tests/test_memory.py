@@ -112,6 +112,8 @@ def test_auto_checkpointing_follows_the_plan(configs):
 def test_plan_bad_flags(configs):
     r = run_script("train_grpo.py", *headline(configs, "--gpu-memory-utilization", "1.5"), check=False)
     assert r.returncode != 0 and "--gpu-memory-utilization must be in (0, 1]" in r.stderr
+    r = run_script("train_grpo.py", *headline(configs, "--gpu-memory-gb", "-3"), check=False)
+    assert r.returncode != 0 and "--gpu-memory-gb: must be positive" in r.stderr
     r = run_script("train_grpo.py", "--plan", check=False)
     assert r.returncode != 0 and "--model is required" in r.stderr
     r = run_script("train_grpo.py", "--plan", "--model", "/no/such/model", check=False)
