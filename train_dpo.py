@@ -53,7 +53,9 @@ p.add_argument("--temperature", type=float, default=0.7, help="sampling temperat
 p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for pair building")
 p.add_argument("--max-prompt-len", type=int, default=1024, help="prompt tokens kept when sampling (left-truncated)")
 p.add_argument("--max-new-tokens", type=int, default=4096, help="response token budget when sampling")
-p.add_argument("--sample-batch-size", type=int, default=64, help="sampler slots (rows decoded together)")
+p.add_argument("--sample-batch-size", type=int, default=64,
+               help="most sampler slots (rows decoded together); on a GPU the KV cache takes fewer when "
+                    "--gpu-memory-utilization leaves no room for more")
 p.add_argument("--chunk-prompts", type=int, default=64, help="prompts sampled between appends to the pairs file")
 p.add_argument("--ref-model", help="DPO reference (default: --model, the starting policy)")
 p.add_argument("--loss", default="sigmoid", choices=losses.DPO_KINDS, help="DPO loss kind")

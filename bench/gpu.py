@@ -424,8 +424,8 @@ def section_memory(rep, args, device, dtype):
         data = long_prompts(os.path.join(args.workdir, "long_prompts.jsonl"), args.memory_prompts,
                             2 * args.memory_prompt_len)
         result = os.path.join(args.workdir, "phase_peaks.json")
-        cmd = [sys.executable, os.path.join(ROOT, "bench", "phase_peaks.py"), result, os.path.join(ROOT, "train_grpo.py"),
-               "--model", policy_dir, "--reward-model", rm_dir, "--data", data,
+        cmd = [sys.executable, os.path.join(ROOT, "bench", "phase_peaks.py"), result,
+               os.path.join(ROOT, "train_grpo.py"), "--model", policy_dir, "--reward-model", rm_dir, "--data", data,
                "--out", os.path.join(args.workdir, "memory-run"), "--steps", "1", "--save-every", "0",
                "--eval-every", "0", "--prompts-per-step", str(args.memory_prompts), "--group-size", "8",
                "--max-prompt-len", str(args.memory_prompt_len), "--max-new-tokens", str(args.memory_new_tokens)]
@@ -472,7 +472,8 @@ def main():
                    help="grpo: an extra flag for train_grpo.py (repeatable, e.g. --grpo-flag=--micro-batch-size=8)")
     p.add_argument("--memory-model", default="3b", help="memory: policy and reward model shape")
     p.add_argument("--memory-prompts", type=int, default=8, help="memory: prompts (x 8 samples): one rank's share")
-    p.add_argument("--memory-prompt-len", type=int, default=1024, help="memory: prompt tokens (every prompt is cut to it)")
+    p.add_argument("--memory-prompt-len", type=int, default=1024,
+                   help="memory: prompt tokens (every prompt is cut to it)")
     p.add_argument("--memory-new-tokens", type=int, default=4096, help="memory: max new tokens")
     p.add_argument("--budget", type=float, default=420, help="seconds; later measurements are skipped")
     p.add_argument("--workdir", default="/tmp/rlmt-gpu-bench", help="grpo: where checkpoints and the run go")

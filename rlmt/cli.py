@@ -38,7 +38,9 @@ def add_common_args(p):
     p.add_argument("--prompts-per-step", type=int, default=64, help="prompts per step, all ranks together")
     p.add_argument("--group-size", type=int, default=8, help="samples per prompt (G)")
     p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward on one rank")
-    p.add_argument("--sample-batch-size", type=int, default=64, help="sampler slots (rows decoded together)")
+    p.add_argument("--sample-batch-size", type=int, default=64,
+                   help="most sampler slots (rows decoded together); on a GPU the KV cache takes fewer when "
+                        "--gpu-memory-utilization leaves no room for more")
     p.add_argument("--lr", type=float, default=1e-6, help="policy AdamW learning rate (paper: 1e-6; 3e-7 Instruct)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
