@@ -212,14 +212,9 @@ policy.train()
 # --- optimizer ------------------------------------------------------------------------------------------
 
 opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-start, skipped = 0, optim.SkippedSteps(args.max_skipped_steps)
-if resume_from:  # after the reference pass: that one needed the starting weights
-    resumed = checkpoint.load_state(resume_from, {"policy": policy}, {"policy": opt})
-    start, skipped.total = resumed["step"], resumed.get("skipped_steps", 0)
-if dist.is_main() and args.resume:  # drop what a killed run logged after its checkpoint
-    log.truncate_after(args.out, start)
-    print(f"resumed from {resume_from} at step {start}" if resume_from else f"--resume auto: no checkpoint in "
-          f"{args.out}, starting fresh")
+skipped = optim.SkippedSteps(args.max_skipped_steps)
+# after the reference pass: that one needed the starting weights
+start, skipped.total = cli.resume(args, resume_from, {"policy": policy}, {"policy": opt})
 tb = log.tensorboard(args.out) if dist.is_main() else None
 preemption = checkpoint.Preemption(device)  # SIGTERM: save at the end of the step, exit 0
 

@@ -103,15 +103,9 @@ opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), wei
 critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.999),
                                weight_decay=args.weight_decay)
 models, optimizers = {"policy": policy, "critic": critic}, {"policy": opt, "critic": critic_opt}
-start, skipped = 0, optim.SkippedSteps(args.max_skipped_steps)
 resume_from = cli.resume_state(args)  # None: start fresh (also --resume auto in an OUT with no checkpoint)
-if resume_from:
-    resumed = checkpoint.load_state(resume_from, models, optimizers)
-    start, skipped.total = resumed["step"], resumed.get("skipped_steps", 0)
-if dist.is_main() and args.resume:  # drop what a killed run logged after its checkpoint
-    log.truncate_after(args.out, start)
-    print(f"resumed from {resume_from} at step {start}" if resume_from else f"--resume auto: no checkpoint in "
-          f"{args.out}, starting fresh")
+skipped = optim.SkippedSteps(args.max_skipped_steps)
+start, skipped.total = cli.resume(args, resume_from, models, optimizers)
 tb = log.tensorboard(args.out) if dist.is_main() else None
 preemption = checkpoint.Preemption(device)  # SIGTERM: save at the end of the step, exit 0
 

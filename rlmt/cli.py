@@ -276,6 +276,21 @@ def resume_state(args):
         sys.exit(f"error: {e}")
 
 
+def resume(args, state_dir, models, optimizers):
+    """Load `state_dir` (resume_state's answer; None: start fresh) into the built, sharded models and their
+    optimizers, and drop what a killed run logged after that step -> (step, optimizer steps skipped so far)."""
+    from rlmt import dist, log
+    step, skipped = 0, 0
+    if state_dir:
+        state = checkpoint.load_state(state_dir, models, optimizers)
+        step, skipped = state["step"], state.get("skipped_steps", 0)
+    if args.resume and dist.is_main():
+        log.truncate_after(args.out, step)
+        print(f"resumed from {state_dir} at step {step}" if state_dir else
+              f"--resume auto: no checkpoint in {args.out}, starting fresh")
+    return step, skipped
+
+
 def dist_timeout(args):
     """--dist-timeout (minutes) -> the timedelta dist.init passes to init_process_group."""
     return datetime.timedelta(minutes=args.dist_timeout)
