@@ -10,9 +10,11 @@ Sections (--only, run in the order given after the ceilings), each result also a
           read + written) and the bf16 matmul rate (8192^3), median of 10 (METHOD: measure, don't quote).
   decode  rlmt.sampler.generate: --batches prompts of --prompt-len random ids, one sample each, exactly
           --new-tokens tokens (ignore_eos) at T 0.7, for the Llama-3.2-1B and -3.1-8B shapes. Variants:
-          eager; graph (the eager step captured in a CUDA graph); compile (torch.compile, static shapes);
-          compile+graph; hf (transformers.generate, default dynamic cache, sdpa, same weights); a suffix
-          @K reads the tokens back every K steps (sync_every; default 16 on a GPU). Roofline:
+          eager; graph (the eager step captured in a CUDA graph per shape); compile (torch.compile);
+          compile+graph; +full (every slot over the whole cache width: the path before live shapes; all
+          rows here are live to the end, so only the width differs); hf (transformers.generate, default
+          dynamic cache, sdpa, same weights); a suffix @K reads the tokens back every K steps (sync_every;
+          default 16 on a GPU). Roofline:
           prefill FLOPs / matmul rate + Σ over decode steps (weights + the KV cache read so far) / copy
           bandwidth, as new tokens per second.
   train   one GRPO micro-step of the 1B shape: sequence_logprobs with entropy (chunked fp32 log-probs) on
@@ -24,6 +26,15 @@ Sections (--only, run in the order given after the ceilings), each result also a
           1,024-5,120 tokens, 8 a micro-batch, right-padded: tokens/s, MFU, peak memory.
   grpo    `train_grpo.py` itself, 2 steps, on 1B-shaped random checkpoints written to --workdir: 16 prompts
           x 8 samples, up to 1,024 new tokens; the second step's t_sample / t_reward / t_train.
+  rollout one rank's rollout at RLMT's lengths through the trainer's path (bench/rollout_speed.py's
+          workload: 8 prompts of the paper's data's lengths x 8 samples, lognormal responses of mean 1,500 cut
+          at 4,096, forced per sample): the --rollout-model policy stored in fp32 and FSDP2-sharded (a one-process
+          group, as `python train_grpo.py`; torchrun's ranks take the same path), its rollout copy
+          (dist.full_copy: ms and GB), then sampler.generate on the copy. Variants: full+graph (every slot
+          over the whole cache width, one CUDA graph: the path before live shapes), graph (live shapes, a
+          graph per bucket), compile+graph. Seconds per rollout, graphs captured, % of the live-position
+          roofline (each decode step: all weights + each live row's KV up to its position, at the copy
+          bandwidth; prefill at the matmul rate); ms per step at 64 rows x 1,280 / x 5,120 columns and 4 rows.
   memory  the memory plan against the allocator: `train_grpo.py`, one step, on 3B-shaped random checkpoints
           (fp32 masters, bf16 reference and reward model of the same shape) at the paper's lengths (8
           prompts x 8 samples, prompts cut to 1,024, 4,096 new tokens), through bench/phase_peaks.py:
@@ -282,7 +293,8 @@ def section_decode(rep, args, device, dtype, bw, mm, batches, variants):
                     kind, _, every = variant.partition("@")  # "graph@1": read tokens back every step
                     samples = sampler.generate(model, prompts, max_new_tokens=new, temperature=0.7, seed=1,
                                                batch_size=batch, ignore_eos=True, compile="compile" in kind,
-                                               cuda_graph="graph" in kind, sync_every=int(every) if every else None)
+                                               cuda_graph="graph" in kind, full_width="full" in kind,
+                                               sync_every=int(every) if every else None)
                     return [s["tokens"] for s in samples]
 
                 def measure(variant=variant, run=run):
@@ -406,6 +418,93 @@ def section_grpo(rep, args, device, dtype):
     rep.guard("grpo", "2 steps", measure)
 
 
+def section_rollout(rep, args, device, dtype, bw, mm):
+    from bench.rollout_speed import workload
+    from rlmt import dist
+    shape, G = args.rollout_model, 8
+    cap, mean = (16, 8) if args.dry_run else (args.rollout_new_tokens, 1500)
+    plens, lengths = workload(args.rollout_prompts, G, cap, mean)
+    if args.dry_run:
+        plens = [min(n, 24) for n in plens]
+    g = torch.Generator().manual_seed(0)
+    V = SHAPES[shape]["vocab_size"]
+    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in plens]
+    state = {}
+
+    def build():
+        dist.init()
+        reset_peak(device)
+        trained = dist.shard(build_rlmt(shape, device, torch.float32), device, dtype)  # fp32 masters, as trained
+        times = []
+        for _ in range(4):  # the refresh each rollout pays: an all-gather per parameter, cast to bf16
+            t = time.perf_counter()
+            with dist.full_copy(trained):
+                sync(device)
+                times.append(time.perf_counter() - t)
+        state["stack"] = contextlib.ExitStack()  # the copy the variants decode
+        state["model"] = state["stack"].enter_context(dist.full_copy(trained))
+        rep.add("rollout", model=shape, refresh_ms=1e3 * statistics.median(times[1:]), first_refresh_ms=1e3 * times[0],
+                copy_gb=sum(p.numel() * p.element_size() for p in state["model"].parameters()) / 1e9,
+                peak_gb=peak_gb(device))
+        del trained  # the rest decodes the copy; in a real run the fp32 masters are sharded over 8 ranks
+        reset_peak(device)
+        return True
+
+    def roofline():
+        cfg = state["model"].config
+        n_mm, w_read = param_counts(cfg)
+        kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+        cols = [0] * max(lengths)  # per decode step: the live rows' positions summed
+        for j, n in enumerate(lengths):
+            for t in range(1, n):
+                cols[t] += plens[j // G] + t
+        steps = sum(1 for c in cols if c)
+        return 2 * n_mm * sum(plens) / (mm * 1e12) + (steps * w_read * 2 + sum(cols) * kv_tok) / (bw * 1e12)
+
+    def rollout(variant):
+        model, st = state["model"], {}
+        kw = dict(n=G, max_new_tokens=lengths, temperature=0.7, ignore_eos=True, batch_size=len(lengths), seed=1,
+                  compile="compile" in variant, cuda_graph="graph" in variant, full_width="full" in variant,
+                  stats=st)
+        if "compile" in variant:  # compile outside the timing (a run pays it once, on its first rollouts):
+            # a short rollout of ragged lengths meets every specialization (1 row, the full width, both)
+            sampler.generate(model, prompts, **{**kw, "max_new_tokens": [1 + n % 64 for n in lengths], "stats": {}})
+        reset_peak(device)
+        out, t = timed(lambda: sampler.generate(model, prompts, **kw), device)
+        assert [len(s["tokens"]) for s in out] == lengths
+        floor = state.setdefault("floor", roofline())
+        rep.add("rollout", model=shape, variant=variant, seconds=t, tokens=sum(lengths), tok_s=sum(lengths) / t,
+                roofline_s=floor, of_roofline=floor / t, steps=st["steps"], graphs=len(st["shapes"]),
+                kv_columns=st["columns"], peak_gb=peak_gb(device))
+
+    def step_times(variant):
+        """ms per decode step at three shapes, each captured (or compiled) first: the cost of a step at
+        full rows and a short width, at the full width, and at a few live rows."""
+        model, cfg = state["model"], state["model"].config
+        rows, S = len(lengths), max(plens) + cap
+        cache = sampler.KVCache(cfg.num_layers, rows, cfg.num_kv_heads, S, cfg.head_dim, dtype, device)
+        step = sampler.Decoder(model, cache, rows, "compile" in variant, "graph" in variant)
+        out = {}
+        for b, w in ((rows, min(S, 1280)), (rows, S), (min(4, rows), S - min(1024, S // 4))):
+            tok = torch.randint(3, cfg.vocab_size, (b,), device=device)
+            pos = torch.full((b,), w - 1, device=device)
+            with torch.no_grad():
+                out[f"ms_{b}x{w}"] = 1e3 * median_time(lambda: step(tok, pos, w), device, warmup=3, repeat=20)
+        rep.add("rollout", model=shape, variant=variant, **out)
+        del cache, step
+
+    if rep.guard("rollout", f"{shape} build + refresh", build) is None:
+        return
+    for variant in args.rollout_variants:
+        if args.dry_run:  # CUDA graphs need a GPU: the same variants, eager
+            variant = "+".join(v for v in variant.split("+") if v != "graph") or "eager"
+        rep.guard("rollout", f"{shape} {variant}", lambda: rollout(variant))
+        rep.guard("rollout", f"{shape} {variant} steps", lambda: step_times(variant))
+    state["stack"].close()
+    state.clear()
+    reset_peak(device)
+
+
 def long_prompts(path, n, words):
     """n prompts of `words` words each, so that every prompt is cut to --max-prompt-len (the plan's case)."""
     import random
@@ -450,7 +549,7 @@ def section_memory(rep, args, device, dtype):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="train;rm;decode:64;grpo;decode:1,256",
-                   help="sections to run after the ceilings, ';'-separated, in this order: train, rm, grpo, memory, "
+                   help="sections to run after the ceilings, ';'-separated, in this order: train, rm, grpo, memory, rollout, "
                         "decode or decode:BATCHES or decode:BATCHES:VARIANTS (comma-separated lists)")
     p.add_argument("--models", default="1b,8b", help="decode: model shapes (1b, 8b)")
     p.add_argument("--batches", default="64,1,256", help="decode: batch sizes, in the order measured")
@@ -475,6 +574,11 @@ def main():
     p.add_argument("--memory-prompt-len", type=int, default=1024,
                    help="memory: prompt tokens (every prompt is cut to it)")
     p.add_argument("--memory-new-tokens", type=int, default=4096, help="memory: max new tokens")
+    p.add_argument("--rollout-model", default="8b", help="rollout: policy shape")
+    p.add_argument("--rollout-prompts", type=int, default=8, help="rollout: prompts (x 8 samples): one rank's share")
+    p.add_argument("--rollout-new-tokens", type=int, default=4096, help="rollout: response cap")
+    p.add_argument("--rollout-variants", default="full+graph,graph,compile+graph",
+                   help="rollout: comma-separated; graph, compile, full (every slot over the whole width), joined by +")
     p.add_argument("--budget", type=float, default=420, help="seconds; later measurements are skipped")
     p.add_argument("--workdir", default="/tmp/rlmt-gpu-bench", help="grpo: where checkpoints and the run go")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu.jsonl (default $OUT)")
@@ -483,15 +587,17 @@ def main():
     args.models, args.variants = args.models.split(","), args.variants.split(",")
     args.batches, args.train_batch = [int(b) for b in args.batches.split(",")], [int(b) for b in args.train_batch.split(",")]
     args.rm_len = [int(n) for n in args.rm_len.split(",")]
+    args.rollout_variants = args.rollout_variants.split(",")
     args.only = [part.split(":") for part in args.only.split(";")]  # [name, batches?, variants?]
-    unknown = {part[0] for part in args.only} - {"train", "rm", "decode", "grpo", "memory"}
+    unknown = {part[0] for part in args.only} - {"train", "rm", "decode", "grpo", "memory", "rollout"}
     if unknown:
-        p.error(f"--only: unknown section(s) {', '.join(sorted(unknown))} (train, rm, decode, grpo, memory)")
+        p.error(f"--only: unknown section(s) {', '.join(sorted(unknown))} (train, rm, decode, grpo, memory, rollout)")
     if args.dry_run:
         args.models, args.train_model, args.rm_model, args.grpo_model = ["tiny"], "tiny", "tiny", "tiny"
         args.batches, args.prompt_len, args.new_tokens, args.train_len = [2, 4], 16, 16, 64
         args.rm_rows, args.rm_len, args.grpo_prompts, args.grpo_new_tokens = 8, [16, 48], 2, 16
         args.memory_model, args.memory_prompts, args.memory_prompt_len, args.memory_new_tokens = "tiny", 2, 16, 16
+        args.rollout_model, args.rollout_prompts = "tiny", 2
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if device.type != "cuda" and not args.dry_run:
         p.error("no GPU here; --dry-run checks the script on the CPU")
@@ -511,7 +617,8 @@ def main():
     sections = {"train": lambda: section_train(rep, args, device, dtype, mm),
                 "rm": lambda: section_rm(rep, args, device, dtype, mm),
                 "grpo": lambda: section_grpo(rep, args, device, dtype),
-                "memory": lambda: section_memory(rep, args, device, dtype)}
+                "memory": lambda: section_memory(rep, args, device, dtype),
+                "rollout": lambda: section_rollout(rep, args, device, dtype, bw, mm)}
     for name, *spec in args.only:  # in the order given: the most wanted first, within the budget
         if name == "decode":  # decode:BATCHES[:VARIANTS] overrides --batches / --variants
             batches = [int(b) for b in spec[0].split(",")] if spec and not args.dry_run else args.batches

@@ -20,13 +20,14 @@ from rlmt import chat, data, dist, memory, reward, sampler
 
 def rollout(policy, tokenizer, rows, *, template, group_size, rm=None, reward_fn=None, max_prompt_len=1024,
             max_new_tokens=4096, temperature=0.7, top_p=1.0, top_k=0, strict=False, seed=0, batch_size=64,
-            gpu_memory_utilization=0.9, progress=False):
+            gpu_memory_utilization=0.9, compile=False, progress=False):
     """Sample `group_size` responses for each row and score their answers.
 
     policy: a plain model, or a trained FSDP2 one, which is gathered into a plain copy in its compute
     dtype for sampling (dist.full_copy; every rank must call then). The phases free what they hold: the
     copy and the KV cache are released before the answers are scored. batch_size: the most sampler slots;
     on a GPU the KV cache takes what `gpu_memory_utilization` of the card leaves (memory.kv_slots).
+    compile: torch.compile the decode step (sampler.generate); CUDA graphs are on whenever it is a GPU.
     rows: prompt records ({"id", "messages"}), P of them. Returns a dict with N = P × group_size rows:
       batch: sampler.to_batch(...) tensors (input_ids / attention_mask / position_ids / response_mask /
              old_logprobs [N, T]) — the exact sampled token ids, never re-encoded text
@@ -45,7 +46,7 @@ def rollout(policy, tokenizer, rows, *, template, group_size, rm=None, reward_fn
         samples = sampler.generate(model, prompt_ids, n=group_size, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, top_k=top_k,
                                    stop_ids=chat.stop_ids(tokenizer), seed=seed, batch_size=slots,
-                                   progress=progress)
+                                   compile=compile, progress=progress)
     _release()  # the rollout copy and the KV cache (~55 GiB of an 8B run's 80): the reward model and
     # training grow into them without the allocator's free-everything-and-retry path on the way
     t_sample = time.perf_counter() - t0

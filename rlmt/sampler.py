@@ -1,37 +1,48 @@
 """KV-cached batched sampling: prefill each prompt once, n samples per prompt, continuous batching.
 
-The loop follows gpt-fast (`prefill` / `decode_one_token` / `sample`, a cache written at explicit
+The pieces follow gpt-fast (`prefill` / `decode_one_token` / `sample`, a cache written at explicit
 positions so shapes stay static) and nanochat's engine (prefill a prompt once, copy its cache to each
-sample); the code is written anew:
+sample); the code is written anew. `generate` is the driver:
 
   1. `batch_size` slots share one preallocated KV cache [layers, slots, K, S, hd], S = longest prompt +
      max_new_tokens; it lives for one `generate` call.
-  2. A free slot takes the next pending sample (prompt-major order). Prompts not yet seen are prefilled
-     together (left-padded, one forward); the prompt's keys and values are copied into the slot, and the
-     first token is drawn from the prompt's last logits: the n samples of a prompt cost one prefill.
-  3. Each decode step feeds every live row its last token at the row's own position; the new key and
-     value are scattered into that column, so no shape depends on where a row is.
-  4. A row that stops (a stop id, a stop string, or max_new_tokens) hands its slot to the next pending
-     sample, so one 4,000-token thought does not idle the other rows. Once nothing is pending, the
-     eager path packs the live rows to the front and decodes only those.
-  5. The host reads the new tokens and books stops and refills once every `sync_every` steps (every step
+  2. `Slots` books which sample holds which slot. A free slot takes the next pending sample
+     (prompt-major order). Prompts not yet seen are prefilled together (left-padded, one forward); the
+     prompt's keys and values are copied into the slot, and the first token is drawn from the prompt's
+     last logits: the n samples of a prompt cost one prefill.
+  3. Each decode step feeds every row its last token at the row's own position; the new key and value
+     are scattered into that column, so no shape depends on where a row is.
+  4. A row that stops (a stop id, a stop string, or its max_new_tokens) hands its slot to the next
+     pending sample, so one 4,000-token thought does not idle the other rows. Once nothing is pending,
+     the live rows are packed to the front of the cache.
+  5. Live shapes: a step decodes rows [0, rows) over columns [0, width) only: rows = the live rows,
+     width = the longest live row's position after the window. On a GPU both are rounded up to buckets
+     (rows to 1, 2, 3, 4, 6, 8, 12, 16, 24, ..., width to a multiple of 256) and `Decoder` captures one
+     CUDA graph per shape it meets, so as rows finish, a step costs what its live rows read, not the
+     whole [slots, S] cache (an 8B at 64 rows x 5,120 columns reads 43 GB of KV a step).
+  6. The host reads the new tokens and books stops and refills once every `sync_every` steps (every step
      on the CPU, every 16 on a GPU, which would otherwise idle during each read).
 
 Randomness: each sample draws its uniforms from its own torch.Generator, seeded by (seed, prompt,
-sample), so a sample is the same whatever batch, slot or rank it runs in.
+sample), so a sample is the same whatever batch, slot, shape or rank it runs in.
 
 Log-probs: each token's log π_T = log_softmax(logits / T), in fp32, temperature applied and *before*
 top-p / top-k truncation, so they equal what the trainer's chunked log-probs compute on the same tokens
 (rlmt.logprobs). Greedy (T = 0) reports them at T = 1.
+
+The sampler decodes a plain module. A trained FSDP2 model is handed over as its rollout copy,
+`rlmt.dist.full_copy(model)` (plain bf16 weights that CUDA graphs and torch.compile can take); this
+module imports nothing of rlmt.dist.
 """
 
+import contextlib
 import hashlib
 import time
 from collections import deque
 
 import torch
 
-from rlmt import data, dist
+from rlmt import data
 
 
 class KVCache:
@@ -39,8 +50,8 @@ class KVCache:
 
     The model's attention calls `update(layer, k, v)` with the step's keys [b, K, 1, hd]; they are written
     at column `pos[i]` of row i (pos [b] long, set before the forward) and the first `width` columns of
-    rows [0, b) come back. width = S keeps shapes static (the compiled step); the eager path sets it to
-    the longest live row, rounded up to `bucket` columns. One tensor per layer, written in place through
+    rows [0, b) come back: the step's shape, set by `Decoder` (the longest live row rounded up to a
+    bucket, or S for the full-width path). One tensor per layer, written in place through
     index_put_: torch.compile then updates it in place, where a write into a slice of one
     [layers, ...] tensor made it copy the whole cache every step (seen on an H200: 8B decode 8× slower)."""
 
@@ -134,19 +145,22 @@ def sample(logits, u=None, temperature=1.0, top_p=1.0, top_k=0):
     return tok.squeeze(-1), (z.gather(-1, tok) - lse).squeeze(-1)
 
 
-def _check(prompts, n, max_new_tokens, temperature, top_p, top_k, batch_size, sync_every, stop_strings, tokenizer,
-           seed):
+def _check(prompts, n, limits, temperature, top_p, top_k, batch_size, sync_every, stop_strings, tokenizer,
+           seed, bucket):
     problems = [
         (isinstance(seed, (list, tuple)) and len(seed) != len(prompts),
          f"seed: one per prompt, or one int; got {len(seed) if isinstance(seed, (list, tuple)) else 0} seeds for "
          f"{len(prompts)} prompts"),
         (n < 1, f"n must be at least 1, got {n}"),
-        (max_new_tokens < 1, f"max_new_tokens must be at least 1, got {max_new_tokens}"),
+        (len(limits) != len(prompts) * n,
+         f"max_new_tokens: one int, or one per sample; got {len(limits)} for {len(prompts) * n} samples"),
+        (any(m < 1 for m in limits), f"max_new_tokens must be at least 1, got {min(limits, default=1)}"),
         (temperature < 0, f"temperature must be >= 0 (0 = greedy), got {temperature}"),
         (not 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
         (top_k < 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
         (batch_size < 1, f"batch_size must be at least 1, got {batch_size}"),
         (sync_every is not None and sync_every < 1, f"sync_every must be at least 1, got {sync_every}"),
+        (bucket is not None and bucket < 1, f"bucket must be at least 1, got {bucket}"),
         (bool(stop_strings) and tokenizer is None, "stop_strings need the tokenizer (tokenizer=...)"),
         (any(len(p) == 0 for p in prompts), "every prompt needs at least one token"),
     ]
@@ -155,32 +169,223 @@ def _check(prompts, n, max_new_tokens, temperature, top_p, top_k, batch_size, sy
             raise ValueError(message)
 
 
+def _is_fsdp(model):
+    from torch.distributed.fsdp import FSDPModule
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def prefill(model, prompts):
+    """prompts: P lists of ids -> (PromptKV holding their keys and values, last logits [P, V] fp32).
+    Left-padded into one forward; the pad id is masked out."""
+    ids, am = data.left_pad(prompts, 0)
+    device = model.inv_freq.device
+    kv = PromptKV(model.config.num_layers)
+    last = model(ids.to(device), am.to(device), cache=kv, last_only=True)[:, -1].float()
+    return kv, last
+
+
+class Slots:
+    """The host's bookkeeping of `generate`: which sample holds which cache slot, and where it is.
+
+    Sample j (prompt j // n, sample j % n) waits in `pending` until a slot is free. A slot holds its
+    sample (`owner`, -1 = free), the sample's last token (`cur`), the column that token goes to (`pos`)
+    and, on the device, the sample's uniforms (`draws` [slots, max_new]). `admit` starts pending samples
+    in free slots, `record` books new tokens and frees the slots whose sample ended, `pack` moves live
+    rows down into freed slots; rows [0, live) then hold every live sample."""
+
+    def __init__(self, prompts, n, slots, limits, keys, temperature, ended, device, bar=None):
+        self.prompts, self.n, self.limits, self.keys = prompts, n, limits, keys
+        self.temperature, self.ended, self.device, self.bar = temperature, ended, device, bar
+        N = len(prompts) * n
+        self.pending = deque(range(N))
+        self.ready = {}  # prompt -> (PromptKV, its row, last logits [V]) until its n samples have slots
+        self.owner, self.cur, self.pos = [-1] * slots, [0] * slots, [0] * slots
+        self.tokens, self.logprobs, self.reasons = [[] for _ in range(N)], [[] for _ in range(N)], [None] * N
+        self.draws = torch.zeros(slots, max(limits), device=device)
+
+    @property
+    def live(self):
+        """Rows to decode: up to the last slot that holds a sample (0 when none does)."""
+        return next((s + 1 for s in range(len(self.owner) - 1, -1, -1) if self.owner[s] >= 0), 0)
+
+    def has_free(self):
+        return -1 in self.owner
+
+    def admit(self, cache, prefill_fn, prefill_tokens):
+        """Give free slots to pending samples: copy in the prompt's keys and values (prefilling the prompts
+        not seen yet, `prefill_tokens` prompt tokens a forward, through prefill_fn(prompt indices) ->
+        (PromptKV, last logits)) and draw the sample's uniforms. -> (slots [s], first-token logits [s, V])."""
+        free = [s for s in range(len(self.owner)) if self.owner[s] < 0][:len(self.pending)]
+        take = [self.pending.popleft() for _ in free]
+        new = sorted({j // self.n for j in take} - self.ready.keys())
+        rows = max(1, prefill_tokens // max((len(self.prompts[p]) for p in new), default=1))
+        first = []
+        for s, j in zip(free, take):
+            p = j // self.n
+            if p not in self.ready:  # the next `rows` new prompts in one forward; earlier ones are copied by now
+                chunk = new[new.index(p):new.index(p) + rows]
+                kv, last = prefill_fn(chunk)
+                self.ready.update({q: (kv, row, last[row]) for row, q in enumerate(chunk)})
+            kv, row, last = self.ready[p]
+            L = len(self.prompts[p])
+            cache.copy_rows(s, row, L, kv.k, kv.v)
+            self.owner[s], self.pos[s] = j, L - 1  # record() moves it to L, the first token's column
+            if self.temperature > 0:  # the sample's own uniforms, one for each token it may draw
+                g = _generator(self.keys[p] + (j % self.n,), self.device)
+                self.draws[s] = torch.rand(self.draws.shape[1], generator=g, device=self.device)
+            first.append(last)
+            if j % self.n == self.n - 1:  # the prompt's last sample has a slot: free its prefill
+                self.ready.pop(p)
+        return free, torch.stack(first)
+
+    def record(self, rows, tok, lp):
+        """Append each row's new token (lists of ints / floats); free the rows whose sample just ended."""
+        added = ended = 0
+        for s, t, l in zip(rows, tok, lp):
+            j = self.owner[s]
+            if j < 0:
+                continue
+            self.tokens[j].append(t)
+            self.logprobs[j].append(l)
+            self.cur[s], self.pos[s], added = t, self.pos[s] + 1, added + 1
+            hit = self.ended(t, self.tokens[j])
+            if hit or len(self.tokens[j]) == self.limits[j]:
+                self.reasons[j], self.owner[s], self.pos[s], ended = "stop" if hit else "length", -1, 0, ended + 1
+        if self.bar is not None:
+            self.bar.update(added, ended)
+
+    def pack(self, cache):
+        """Move live rows into the free slots below them (their written columns and their uniforms), so
+        rows [0, live) hold only live samples."""
+        while True:
+            live = self.live
+            hole = next((s for s in range(live) if self.owner[s] < 0), None)
+            if hole is None:
+                return
+            src = live - 1
+            cache.copy_rows(hole, src, self.pos[src])  # the columns that row has written
+            self.draws[hole] = self.draws[src]
+            for field in (self.owner, self.cur, self.pos):
+                field[hole] = field[src]
+            self.owner[src] = -1
+
+    def window(self, sync_every):
+        """Decode steps before the next read: sync_every, or fewer when every live sample ends sooner."""
+        return min(sync_every, max(self.limits[j] - len(self.tokens[j]) for j in self.owner if j >= 0))
+
+    def results(self):
+        return [{"prompt_index": j // self.n, "sample_index": j % self.n, "tokens": self.tokens[j],
+                 "logprobs": torch.tensor(self.logprobs[j], dtype=torch.float32), "finish_reason": self.reasons[j]}
+                for j in range(len(self.tokens))]
+
+
+def _round_rows(live):
+    """The row bucket of `live` rows on a GPU: 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (under a third of the rows
+    idle), so a rollout meets ~2 log2(slots) row counts, each a CUDA graph."""
+    b = 1
+    while b < live:
+        b = 2 if b == 1 else b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3
+    return b
+
+
+class Decoder:
+    """decode_one_token at a shape (rows [0, rows) of `cache`, columns [0, width)): eager, compiled
+    (torch.compile with dynamic shapes: four compiles a process, for many rows or 1 and a width short of
+    the cache's or equal to it), or replaying the CUDA graph captured for that shape. Counts what it
+    decodes: steps, rows, columns (rows x width, the KV columns read) and the distinct shapes.
+
+    Graphs are captured on first use, inside this call, and share one memory pool: each writes its logits
+    into one [slots, V] fp32 buffer, so the graphs of a rollout hold ~one step's scratch, not one each.
+    gpt-fast gets graphs from torch.compile(mode="reduce-overhead"); capturing by hand keeps them tied
+    to this call's cache, so no recompile follows a new cache."""
+
+    def __init__(self, model, cache, slots, compile=False, cuda_graph=False):
+        self.model, self.cache = model, cache
+        self.fn = torch.compile(decode_one_token, dynamic=True) if compile else decode_one_token
+        # no "duck sizing" in the compiled step: a width that happens to equal another size (4,096 = the 8B's
+        # hidden size, or the cache's S) would otherwise be tied to it by a guard, and recompile when it moves
+        self.shape_config = torch.fx.experimental._config.patch(use_duck_shape=False) if compile \
+            else contextlib.nullcontext()
+        self.graphs = None
+        if cuda_graph:
+            device = model.inv_freq.device
+            if device.type != "cuda":
+                raise ValueError("cuda_graph needs a CUDA device")
+            self.graphs, self.pool = {}, torch.cuda.graph_pool_handle()
+            self.tok = torch.zeros(slots, dtype=torch.long, device=device)
+            self.pos = torch.zeros(slots, dtype=torch.long, device=device)
+            self.logits = torch.zeros(slots, model.config.vocab_size, device=device)
+        self.shapes, self.steps, self.rows, self.columns = set(), 0, 0, 0
+
+    def __call__(self, tok, pos, width):
+        """tok, pos [rows] long -> logits [rows, V] fp32 (a graph's: valid until the next step)."""
+        rows = tok.shape[0]
+        self.shapes.add((rows, width))
+        self.steps, self.rows, self.columns = self.steps + 1, self.rows + rows, self.columns + rows * width
+        self.cache.width = width
+        if self.graphs is None:
+            with self.shape_config:
+                return self.fn(self.model, self.cache, tok, pos)
+        self.tok[:rows].copy_(tok)
+        self.pos[:rows].copy_(pos)
+        if (rows, width) not in self.graphs:
+            self.graphs[rows, width] = self._capture(rows)
+        self.graphs[rows, width].replay()
+        return self.logits[:rows]
+
+    def _capture(self, rows):
+        # The warm-up (which also compiles) runs the real step on the real inputs: it writes each row's key
+        # and value at the column the replay then writes again, so capturing mid-rollout changes nothing.
+        args = (self.model, self.cache, self.tok[:rows], self.pos[:rows])
+        device = self.tok.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                with self.shape_config:
+                    self.fn(*args)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), self.shape_config:
+            self.logits[:rows].copy_(self.fn(*args))
+        return graph
+
+
 def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0, top_k=0, stop_ids=(),
              stop_strings=None, tokenizer=None, seed=0, batch_size=64, ignore_eos=False, compile=False,
-             cuda_graph=None, sync_every=None, progress=False):
+             cuda_graph=None, sync_every=None, bucket=None, full_width=False, progress=False, stats=None):
     """Sample `n` responses to each prompt.
 
-    prompts: P lists of token ids. stop_ids: ids that end a sample (EOS and end-of-turn tokens,
+    prompts: P lists of token ids. max_new_tokens: the response budget, one int or one per sample
+    (prompt-major order). stop_ids: ids that end a sample (EOS and end-of-turn tokens,
     rlmt.chat.stop_ids); stop_strings: texts that end it (checked on the decoded tail; need `tokenizer`).
-    ignore_eos: no stop of either kind, every sample gets exactly max_new_tokens.
+    ignore_eos: no stop of either kind, every sample gets exactly its max_new_tokens.
     seed: an int, or one int per prompt. Each sample draws its uniforms from its own torch.Generator,
     seeded by (seed, prompt index, sample index), or (seed[p], sample index): a sample does not depend
-    on batch_size, on its slot, on the compiled path or on the other prompts in the call. Per-prompt
+    on batch_size, on its slot, on the decode path or on the other prompts in the call. Per-prompt
     seeds derived from a global prompt index make prompts split over ranks draw what one process draws.
     batch_size: slots decoded together. The cache holds 2 x layers x slots x K x (longest prompt +
     max_new_tokens) x hd values: Llama-3.1-8B in bf16, 64 slots x 5,120 tokens, takes 43 GB.
-    compile: torch.compile the decode step with static shapes (every slot, the whole cache width rounded
-    up to 256), for GPUs; the first call compiles (~30 s on a CPU).
-    cuda_graph: capture the decode step (compiled or not) in a CUDA graph, once per call, and replay it
-    each step: one launch instead of hundreds, which is what decode waits on (an H200 at 64 rows: 77 ->
-    4.9 ms a step for a 1B model, 81 -> 14 ms for an 8B; bench/gpu.py). Static shapes as with compile.
-    None: on whenever the device is a CUDA device.
+    compile: torch.compile the decode step, for GPUs; the first call compiles (~30 s on a CPU, 40-65 s
+    for an 8B on a GPU), a second shape recompiles once with dynamic shapes.
+    cuda_graph: capture the decode step (compiled or not) in a CUDA graph per shape and replay it each
+    step: one launch instead of hundreds, which is what decode waits on (an H200 at 64 rows: 77 -> 4.9 ms
+    a step for a 1B model, 81 -> 14 ms for an 8B; bench/gpu.py). None: on whenever the device is CUDA.
+    bucket: shapes are rounded up to it, width to a multiple of `bucket` columns and, when bucket > 1,
+    rows to 1, 2, 3, 4, 6, 8, 12, ...: each shape is one graph to capture and one eager attention
+    set-up (~70 ms a step on an H200 when the width changed every step). None: 256 on a GPU, 1 (exact
+    shapes) on the CPU.
+    full_width: decode every slot over the whole cache width at every step (the static shape of the
+    path before live shapes; kept to measure against).
     sync_every: decode steps between reads of the new tokens by the host. A read makes a GPU wait while
     the host books the step (stops, refills), so a GPU reads every 16 steps and a finished row idles
     at most 15 steps before its slot is refilled; the CPU reads every step (None picks these). The
     samples are the same whatever the value.
     model: a plain module; hand an FSDP2 model over as `rlmt.dist.full_copy(model)` (the rollout copy,
     in the compute dtype: bf16 weights decode at the speed of bf16).
+    stats: a dict, filled with steps (decode forwards), rows (their summed rows), columns (summed
+    rows x width: the KV columns read) and shapes (the distinct (rows, width) decoded, sorted: on a
+    GPU, the graphs captured).
     Every sampling field is an argument; a checkpoint's generation_config is never read.
 
     Returns N = P * n dicts in prompt-major order (the n samples of prompt 0, then of prompt 1, ...):
@@ -190,170 +395,71 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
       finish_reason "stop" (a stop id or string) or "length" (max_new_tokens reached, no stop token)
     The mask of DESIGN.md is 1 on exactly these L tokens; to_batch builds it from the lengths."""
     prompts = [list(p) for p in prompts]
-    _check(prompts, n, max_new_tokens, temperature, top_p, top_k, batch_size, sync_every, stop_strings, tokenizer,
-           seed)
-    per_prompt = isinstance(seed, (list, tuple))
     N = len(prompts) * n
+    limits = [int(m) for m in max_new_tokens] if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * N
+    _check(prompts, n, limits, temperature, top_p, top_k, batch_size, sync_every, stop_strings, tokenizer, seed,
+           bucket)
     if N == 0:
         return []
+    if _is_fsdp(model):
+        raise ValueError("generate() decodes a plain module; pass rlmt.dist.full_copy(model) for an FSDP2 model "
+                         "(its hooks would gather weights and run collectives at every decode step)")
     stops = set() if ignore_eos else set(stop_ids)
     strings = [] if ignore_eos else [s for s in stop_strings or () if s]
     window = max((len(s.encode()) for s in strings), default=0)  # a token holds >= 1 byte
-    if dist.is_sharded(model):
-        raise ValueError("generate() decodes a plain module; pass rlmt.dist.full_copy(model) for an FSDP2 model "
-                         "(its hooks would gather weights and run collectives at every decode step)")
+
+    def ended(t, tokens):
+        return t in stops or bool(window and any(x in tokenizer.decode(tokens[-window:]) for x in strings))
+
     with torch.no_grad():
         cfg, device = model.config, model.inv_freq.device
-        slots = min(batch_size, N)
-        S = max(map(len, prompts)) + max_new_tokens
-        if compile:  # each cache length is a new graph: round it up so rollouts reuse a few
-            S = -(-S // 256) * 256
+        cuda = device.type == "cuda"
+        slots, longest = min(batch_size, N), max(limits)
+        bucket = bucket or (256 if cuda else 1)
+        S = -(-(max(map(len, prompts)) + longest) // bucket) * bucket  # every bucketed width fits
+        sync_every = sync_every or (16 if cuda else 1)
         cache = KVCache(cfg.num_layers, slots, cfg.num_kv_heads, S, cfg.head_dim,
                         model.model.embed_tokens.weight.dtype, device)
-        keys = [(int(x),) for x in seed] if per_prompt else [(int(seed), p) for p in range(len(prompts))]
-        draws = torch.zeros(slots, max_new_tokens, device=device)  # each slot's sample's uniforms
-        step = torch.compile(decode_one_token, dynamic=False) if compile else decode_one_token
-        if cuda_graph is None:
-            cuda_graph = device.type == "cuda"
-        static = compile or cuda_graph  # every slot decoded each step, over the whole cache width
-        bucket = 256 if device.type == "cuda" else 1
-        if sync_every is None:
-            sync_every = 16 if device.type == "cuda" else 1
-        if cuda_graph:
-            step = _GraphedStep(step, model, cache, slots, device)
-
-        pending = deque(range(N))   # sample j belongs to prompt j // n
-        ready = {}                  # prompt -> (PromptKV, row, last logits [V]) until its n samples start
-        owner = [-1] * slots        # sample held by each slot, -1 = free
-        cur, pos = [0] * slots, [0] * slots  # each slot's last token and the column it goes to
-        tokens, logprobs, reasons = [[] for _ in range(N)], [[] for _ in range(N)], [None] * N
-        live = slots                # decode rows [0, live): all slots, or the packed tail (eager path)
-        bar = _progress(N) if progress else None
-
-        def prefill(ps):
-            ids, am = data.left_pad([prompts[p] for p in ps], 0)  # the pad id is masked out
-            kv = PromptKV(cfg.num_layers)
-            last = model(ids.to(device), am.to(device), cache=kv, last_only=True)[:, -1].float()
-            for row, p in enumerate(ps):
-                ready[p] = (kv, row, last[row])
-
-        def record(rows, tok, lp):
-            """Append each row's new token (lists of ints / floats); free the rows whose sample just ended."""
-            added = ended = 0
-            for s, t, l in zip(rows, tok, lp):
-                j = owner[s]
-                if j < 0:
-                    continue
-                tokens[j].append(t)
-                logprobs[j].append(l)
-                cur[s], pos[s], added = t, pos[s] + 1, added + 1
-                hit = t in stops or (window and any(x in tokenizer.decode(tokens[j][-window:]) for x in strings))
-                if hit or len(tokens[j]) == max_new_tokens:
-                    reasons[j], owner[s], pos[s], ended = "stop" if hit else "length", -1, 0, ended + 1
-            if bar is not None:
-                bar.update(added, ended)
-
-        def admit():
-            """Give free slots to pending samples: copy in the prompt's cache, draw the first token."""
-            free = [s for s in range(slots) if owner[s] < 0][:len(pending)]
-            take = [pending.popleft() for _ in free]
-            new = sorted({j // n for j in take} - ready.keys())
-            rows = max(1, PREFILL_TOKENS // max((len(prompts[p]) for p in new), default=1))
-            first = []
-            for s, j in zip(free, take):
-                p = j // n
-                if p not in ready:  # the next `rows` new prompts in one forward; earlier ones are copied by now
-                    i = new.index(p)
-                    prefill(new[i:i + rows])
-                kv, row, last = ready[p]
-                L = len(prompts[p])
-                cache.copy_rows(s, row, L, kv.k, kv.v)
-                owner[s], pos[s] = j, L - 1  # record() moves it to L, the first token's column
-                if temperature > 0:  # the sample's own uniforms, one for each token it may draw
-                    g = _generator(keys[p] + (j % n,), device)
-                    draws[s] = torch.rand(max_new_tokens, generator=g, device=device)
-                first.append(last)
-                if j % n == n - 1:  # the prompt's last sample has a slot: free its prefill
-                    ready.pop(p)
-            first = torch.stack(first)
-            tok, lp = sample(first, draws[free, 0], temperature, top_p, top_k)
-            record(free, tok.tolist(), lp.tolist())
-
-        def pack():
-            """Nothing pending (eager path): move live rows into the free slots below them, so the
-            decode batch [0, live) holds only live rows."""
-            nonlocal live
-            while True:
-                while live and owner[live - 1] < 0:
-                    live -= 1
-                hole = next((s for s in range(live) if owner[s] < 0), None)
-                if hole is None:
-                    return
-                src, cols = live - 1, pos[live - 1]  # the columns that row has written
-                cache.copy_rows(hole, src, cols)
-                draws[hole] = draws[src]
-                owner[hole], cur[hole], pos[hole], owner[src] = owner[src], cur[src], pos[src], -1
-
+        keys = [(int(x),) for x in seed] if isinstance(seed, (list, tuple)) else \
+            [(int(seed), p) for p in range(len(prompts))]
+        book = Slots(prompts, n, slots, limits, keys, temperature, ended, device, _progress(N) if progress else None)
+        step = Decoder(model, cache, slots, compile, cuda if cuda_graph is None else cuda_graph)
         while True:
-            while pending and -1 in owner:
-                admit()
-            if not static and not pending:
-                pack()
-            if not any(o >= 0 for o in owner[:live]):
+            while book.pending and book.has_free():
+                free, first = book.admit(cache, lambda ps: prefill(model, [prompts[p] for p in ps]), PREFILL_TOKENS)
+                tok, lp = sample(first, book.draws[free, 0], temperature, top_p, top_k)
+                book.record(free, tok.tolist(), lp.tolist())
+            if not book.pending:
+                book.pack(cache)
+            live = book.live
+            if live == 0:
                 break
             # k decode steps before the host reads the tokens back: a GPU idles at every read while the host
             # books the step, so it reads once per window, books the k steps in order and drops whatever a
             # row drew after its sample ended (positions and draw counts are clamped for such rows)
-            k = min(sync_every, max(max_new_tokens - len(tokens[j]) for j in owner[:live] if j >= 0))
-            # eager: attend up to the longest live row, in steps of `bucket` columns on a GPU, where each
-            # new width costs a fresh attention set-up (~70 ms a step on an H200 when it changed every step)
-            cache.width = S if static else min(S, -(-(max(pos[:live]) + k) // bucket) * bucket)
-            counts = [len(tokens[j]) if j >= 0 else 0 for j in owner[:live]]  # uniforms used so far
-            tok, at, drawn = torch.tensor([cur[:live], pos[:live], counts], device=device)
+            k = book.window(sync_every)
+            if full_width:
+                rows, width = slots, S
+            else:
+                rows = min(slots, _round_rows(live) if bucket > 1 else live)
+                width = min(S, -(-(max(book.pos[:live]) + k) // bucket) * bucket)
+            drawn = [len(book.tokens[j]) if j >= 0 else 0 for j in book.owner[:rows]]  # uniforms used so far
+            # three tensors, not views of one: a compiled step would guard on a view's offset and recompile
+            tok, at, drawn = (torch.tensor(x, device=device) for x in (book.cur[:rows], book.pos[:rows], drawn))
             drew = []
             for _ in range(k):
-                u = draws[:live].gather(1, drawn[:, None]).squeeze(1)  # each row's next uniform
-                tok, lp = sample(step(model, cache, tok, at), u, temperature, top_p, top_k)
+                u = book.draws[:rows].gather(1, drawn[:, None]).squeeze(1)  # each row's next uniform
+                tok, lp = sample(step(tok, at, width), u, temperature, top_p, top_k)
                 drew.append((tok, lp))
-                at, drawn = (at + 1).clamp_(max=S - 1), (drawn + 1).clamp_(max=max_new_tokens - 1)
-            toks, lps = (torch.stack(x, 1).tolist() for x in zip(*drew))  # [live, k] each
+                at, drawn = (at + 1).clamp_(max=S - 1), (drawn + 1).clamp_(max=longest - 1)
+            toks, lps = (torch.stack(x, 1).tolist() for x in zip(*drew))  # [rows, k] each
             for i in range(k):
-                record(range(live), [t[i] for t in toks], [x[i] for x in lps])
-        if bar is not None:
-            bar.close()
-    return [{"prompt_index": j // n, "sample_index": j % n, "tokens": tokens[j],
-             "logprobs": torch.tensor(logprobs[j], dtype=torch.float32), "finish_reason": reasons[j]}
-            for j in range(N)]
-
-
-class _GraphedStep:
-    """decode_one_token for every slot of `cache`, captured once in a CUDA graph and replayed: the
-    inputs are copied into the graph's own tensors, the logits come back in its output tensor (valid
-    until the next replay). gpt-fast gets the same from torch.compile(mode="reduce-overhead"); capturing
-    by hand keeps the graph tied to this call's cache, so no recompile follows a new cache."""
-
-    def __init__(self, step, model, cache, slots, device):
-        if device.type != "cuda":
-            raise ValueError("cuda_graph needs a CUDA device")
-        self.tok = torch.zeros(slots, dtype=torch.long, device=device)
-        self.pos = torch.zeros(slots, dtype=torch.long, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up runs (and compiles) outside the capture
-            for _ in range(2):
-                step(model, cache, self.tok, self.pos)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step(model, cache, self.tok, self.pos)
-        for t in cache.k + cache.v:  # the warm-up wrote column 0 of every slot
-            t.zero_()
-
-    def __call__(self, model, cache, tok, pos):
-        self.tok.copy_(tok)
-        self.pos.copy_(pos)
-        self.graph.replay()
-        return self.logits
+                book.record(range(rows), [t[i] for t in toks], [x[i] for x in lps])
+        if book.bar is not None:
+            book.bar.close()
+    if stats is not None:
+        stats.update(steps=step.steps, rows=step.rows, columns=step.columns, shapes=sorted(step.shapes))
+    return book.results()
 
 
 def _generator(key, device):

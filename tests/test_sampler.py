@@ -66,15 +66,23 @@ def family(request, name):
 
 # ----------------------------------------------------------------------------- greedy against references
 
+# The decode paths of generate that run on the CPU: exact live shapes (the CPU default), the GPU's bucketed
+# shapes (rows on the 1, 2, 3, 4, 6, 8 ladder, widths in multiples of `bucket`; a CUDA graph each there),
+# and the full-width static shape (every slot over the whole cache, the path before live shapes).
+PATHS = {"exact": {}, "buckets": {"bucket": 8}, "full-width": {"full_width": True}}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", ["llama", "qwen"])
-def test_greedy_equals_transformers_generate(name, request):
-    model, tok, path = family(request, name)
+def test_greedy_equals_transformers_generate(name, path, request):
+    model, tok, path_ = family(request, name)
     prompts = encode(tok)
     assert len({len(p) for p in prompts}) == 3  # different lengths: left padding on the HF side
     stops = chat.stop_ids(tok) + [frequent_token(model, prompts, chat.stop_ids(tok))]
-    got = sampler.generate(model, prompts, max_new_tokens=16, temperature=0, stop_ids=stops, batch_size=3)
+    got = sampler.generate(model, prompts, max_new_tokens=16, temperature=0, stop_ids=stops, batch_size=3,
+                           **PATHS[path])
 
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path_, dtype=torch.float32).eval()
     ids, am = data.left_pad(prompts, chat.pad_id(tok))
     config = transformers.GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=stops,
                                            pad_token_id=chat.pad_id(tok))
@@ -103,6 +111,47 @@ def test_continuous_batching_equals_one_at_a_time_and_naive(name, request):
             assert s["tokens"] == want
             assert torch.allclose(s["logprobs"], alone[0]["logprobs"], atol=1e-5)
     assert len({len(s["tokens"]) for s in batched}) > 1
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen"])
+def test_decode_paths_draw_the_same_samples(name, request):
+    """Sampled rows (top-p, ragged stops, refills, a packed tail) are the same tokens and log-probs on every
+    path; the live shapes read fewer KV columns than the full width, and the buckets meet several row
+    counts (several graphs on a GPU) as rows finish."""
+    model, tok, _ = family(request, name)
+    prompts = encode(tok, 4)
+    kw = dict(n=3, max_new_tokens=14, temperature=0.7, top_p=0.9, stop_ids=common_tokens(model, prompts, k=8),
+              batch_size=5, seed=11)
+    runs = {}
+    for path, extra in [*PATHS.items(), ("buckets, k=4", {"bucket": 16, "sync_every": 4})]:
+        stats = {}
+        runs[path] = (sampler.generate(model, prompts, stats=stats, **kw, **extra), stats)
+    want, exact = runs["exact"]
+    assert len({len(s["tokens"]) for s in want}) > 2
+    for path, (got, stats) in runs.items():
+        assert [s["tokens"] for s in got] == [s["tokens"] for s in want], path
+        assert all(torch.allclose(a["logprobs"], b["logprobs"], atol=1e-5) for a, b in zip(got, want)), path
+    full, bucketed = runs["full-width"][1], runs["buckets"][1]
+    S = max(map(len, prompts)) + 14
+    assert full["shapes"] == [(5, S)] and full["rows"] == 5 * full["steps"]
+    assert exact["columns"] < bucketed["columns"] < full["columns"]
+    rows = {r for r, _ in bucketed["shapes"]}
+    assert len(rows) >= 3 and rows <= {1, 2, 3, 4, 5} and all(w % 8 == 0 for _, w in bucketed["shapes"])
+    assert exact["rows"] < full["rows"] and exact["steps"] == full["steps"]  # same steps, only live rows
+
+
+def test_per_sample_budgets(llama, llama_tokenizer):
+    """max_new_tokens may be one budget per sample: each gets exactly its own (ignore_eos), and its tokens
+    are what the sample draws with a larger budget, cut there (its uniforms are its own)."""
+    prompts = encode(llama_tokenizer)
+    budgets = [3, 9, 1, 6, 2, 8]
+    kw = dict(n=2, temperature=1.0, seed=4, ignore_eos=True, batch_size=4)
+    got = sampler.generate(llama, prompts, max_new_tokens=budgets, **kw)
+    longer = sampler.generate(llama, prompts, max_new_tokens=9, **kw)
+    assert [len(s["tokens"]) for s in got] == budgets and {s["finish_reason"] for s in got} == {"length"}
+    assert [s["tokens"] for s in got] == [s["tokens"][:m] for s, m in zip(longer, budgets)]
+    with pytest.raises(ValueError, match="one per sample"):
+        sampler.generate(llama, prompts, max_new_tokens=budgets[:5], **kw)
 
 
 def test_continuous_batching_refills_slots(llama, llama_tokenizer):
@@ -306,7 +355,8 @@ def test_sample_truncation_and_frequencies():
 def test_generate_rejects_bad_arguments(llama):
     for kw, match in [({"n": 0}, "n must be"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
                       ({"top_k": -1}, "top_k"), ({"batch_size": 0}, "batch_size"), ({"sync_every": 0}, "sync_every"),
-                      ({"stop_strings": ["x"]}, "tokenizer"), ({"max_new_tokens": 0}, "max_new_tokens")]:
+                      ({"stop_strings": ["x"]}, "tokenizer"), ({"max_new_tokens": 0}, "max_new_tokens"),
+                      ({"bucket": 0}, "bucket")]:
         with pytest.raises(ValueError, match=match):
             sampler.generate(llama, [[1, 2]], **{"max_new_tokens": 4, **kw})
     with pytest.raises(ValueError, match="at least one token"):
@@ -343,13 +393,12 @@ def test_progress_bar(llama, llama_tokenizer, capsys):
     assert "6/6" in err and "tok/s" in err
 
 
-@pytest.mark.skipif(not os.environ.get("RLMT_TEST_COMPILE"),
-                    reason="compiling the decode step takes ~30 s on 2 CPU cores; set RLMT_TEST_COMPILE=1 to run it")
 def test_compiled_decode_equals_eager(llama, llama_tokenizer):
+    """torch.compile of the step, over the bucketed shapes (a second shape recompiles with dynamic shapes)."""
     prompts = encode(llama_tokenizer)
     stops = common_tokens(llama, prompts, k=20, temperature=0.7)
-    for temperature in (0, 0.7):  # one compiled graph serves both: it returns logits
-        kw = dict(n=2, max_new_tokens=12, temperature=temperature, stop_ids=stops, batch_size=4, seed=5)
+    for temperature in (0, 0.7):  # one compiled step serves both: it returns logits
+        kw = dict(n=2, max_new_tokens=12, temperature=temperature, stop_ids=stops, batch_size=4, seed=5, bucket=8)
         eager = sampler.generate(llama, prompts, **kw)
         compiled = sampler.generate(llama, prompts, compile=True, **kw)
         assert [s["tokens"] for s in eager] == [s["tokens"] for s in compiled]
@@ -407,9 +456,12 @@ names = [n for n in dir(tdist) if callable(getattr(tdist, n))
          and n.lstrip("_").startswith(("all_", "reduce", "broadcast", "gather", "scatter"))]
 for n in names:
     setattr(tdist, n, lambda *a, _f=getattr(tdist, n), _n=n, **k: calls.append(_n) or _f(*a, **k))
+sampled = dict(kw, temperature=0.8, top_p=0.9, seed=[7, 8, 9], bucket=4)  # the rollout's kind of call
+want_sampled = sampler.generate(plain, prompts, **sampled)
 with dist.full_copy(sharded) as copy:
     entry = len(calls)
     got = sampler.generate(copy, prompts, **kw)
+    got_sampled = sampler.generate(copy, prompts, **sampled)
     in_loop = len(calls) - entry
     same = all(torch.equal(p, plain.state_dict()[k]) for k, p in copy.state_dict().items())
 still_sharded = isinstance(sharded.model.layers[0].mlp.up_proj.weight, DTensor)
@@ -417,7 +469,8 @@ with dist.full_copy(sharded, torch.bfloat16) as copy:  # the rollout copy of a b
     bf16 = all(torch.equal(p, plain.state_dict()[k].bfloat16()) for k, p in copy.state_dict().items())
 sharded(torch.tensor([prompts[0]])).logsumexp(-1).mean().backward()  # training still works afterwards
 grads = all(p.grad is not None for p in sharded.parameters())
-json.dump({{"equal": [s["tokens"] for s in got] == [s["tokens"] for s in want], "in_loop": in_loop, "same": same,
+json.dump({{"equal": [s["tokens"] for s in got] == [s["tokens"] for s in want] and
+           [s["tokens"] for s in got_sampled] == [s["tokens"] for s in want_sampled], "in_loop": in_loop, "same": same,
            "bf16": bf16, "sharded": still_sharded, "grads": grads}}, open({out!r} + str(rank), "w"))
 dist.cleanup()
 """
@@ -425,8 +478,8 @@ dist.cleanup()
 
 def test_full_copy_of_an_fsdp2_model_two_processes(llama_dir, tmp_path):
     """dist.shard on 2 gloo processes, then dist.full_copy: the plain copy holds the full weights (in
-    fp32, and cast to bf16 when asked), decodes the same greedy tokens as one process with no collective
-    inside generate, and leaves the trained model sharded and trainable."""
+    fp32, and cast to bf16 when asked), decodes the same greedy and sampled tokens as one process with no
+    collective inside generate, and leaves the trained model sharded and trainable."""
     script = tmp_path / "fsdp_generate.py"
     script.write_text(FSDP_SCRIPT.format(root=ROOT, path=llama_dir, out=str(tmp_path / "rank")))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
