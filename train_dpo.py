@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rlmt import chat, checkpoint, cli, data, dist, log, losses, model as M, optim, pairs, reward
+from rlmt import batching, chat, checkpoint, cli, data, dist, log, losses, model as M, optim, pairs, reward
 
 # --- CLI ------------------------------------------------------------------------------------------------
 
@@ -63,14 +63,13 @@ p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
 p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the pairs)")
 p.add_argument("--epochs", type=float, default=2.0, help="passes over the pairs when --steps is unset")
 p.add_argument("--batch-size", type=int, default=128, help="pairs per optimizer step, all ranks together")
-p.add_argument("--micro-batch-size", type=int, default=2, help="pairs per forward/backward on one rank")
 p.add_argument("--lr", type=float, default=3e-7, help="peak AdamW learning rate")
 p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps with linear warmup (then cosine)")
 p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
 p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
 p.add_argument("--max-len", type=int, default=4096, help="tokens per sequence (prompt + completion) in training")
 cli.add_precision_args(p)  # --dtype, --save-dtype, --max-skipped-steps: as in GRPO and PPO
-cli.add_memory_args(p)  # --activation-checkpointing, --plan and the GPUs it plans for
+cli.add_memory_args(p, "pairs")  # --micro-batch-tokens / -size, --activation-checkpointing, --plan
 p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
 p.add_argument("--stop-after", type=int, help="end this run after step N, saving (the lr schedule still spans "
                "the whole run; --resume continues it), e.g. to fit a job time limit")
@@ -109,9 +108,6 @@ if build and args.temperature <= 0:
     p.error("--temperature must be > 0 to sample pairs")
 if args.batch_size % world:
     p.error(f"--batch-size {args.batch_size} must be divisible by the number of ranks {world}")
-if args.batch_size // world % args.micro_batch_size:
-    p.error(f"each rank trains on {args.batch_size}/{world} = {args.batch_size // world} pairs a step, not "
-            f"divisible by --micro-batch-size {args.micro_batch_size}; use a micro-batch size that divides it")
 if args.max_len < 2:
     p.error("--max-len must be at least 2")
 resume_from = cli.resume_state(args)  # the state folder to load, or None; a bad --resume fails here
@@ -195,16 +191,17 @@ ref = policy if not args.ref_model else dist.shard(M.from_pretrained(args.ref_mo
                                                   train=False)
 ref_logps = torch.zeros(len(encoded), 2, device=device)  # [pairs, (chosen, rejected)] summed log-probs
 ref_counts = torch.zeros(len(encoded), 2, device=device)
-share = list(range(rank, len(encoded), world))  # each rank a share; the sum over ranks fills every row
+pair_len = [2 * len(p_) + len(c) + len(r) for p_, c, r in encoded]  # a pair's tokens: both sequences
+share = batching.balance(pair_len, world)[rank]  # each rank a share; the sum over ranks fills every row
 # One plain copy in the compute dtype for the whole pass, as for a rollout (dist.full_copy): no collective
 # inside, so ranks may run different numbers of forwards, and no FSDP module is left unsharded after it.
 with dist.full_copy(ref) as ref_model, torch.no_grad():
-    for s in tqdm(range(0, len(share), args.micro_batch_size), desc="reference", disable=not dist.is_main(),
-                  dynamic_ncols=True):
-        idx = share[s:s + args.micro_batch_size]
-        lp, n = pairs.pair_logps(ref_model, batch_of(idx))
-        ref_logps[idx] = torch.stack(lp.chunk(2), dim=1)
-        ref_counts[idx] = torch.stack(n.chunk(2), dim=1)
+    for group in tqdm(batching.plan([pair_len[i] for i in share], args.micro_batch_tokens, args.micro_batch_size),
+                      desc="reference", disable=not dist.is_main(), dynamic_ncols=True):
+        idx = [share[j] for j in group]
+        lp, n = pairs.pair_logps(ref_model, batch_of(idx))  # the k chosen, then the k rejected
+        ref_logps[idx] = torch.stack((lp[:len(idx)], lp[len(idx):]), dim=1)
+        ref_counts[idx] = torch.stack((n[:len(idx)], n[len(idx):]), dim=1)
 ref_logps, ref_counts = dist.all_reduce_sum(ref_logps), dist.all_reduce_sum(ref_counts)
 del ref
 policy.train()
@@ -220,12 +217,12 @@ preemption = checkpoint.Preemption(device)  # SIGTERM: save at the end of the st
 
 
 def pairs_for(step):
-    """This rank's pair indices at `step`: epoch-wise shuffles, a slice per step, one share per rank."""
+    """This rank's pair indices at `step`: epoch-wise shuffles, a slice per step, split between the ranks
+    by tokens (batching.balance: every rank computes the same split)."""
     epoch, i = divmod(step, steps_per_epoch)
     order = np.random.RandomState(args.seed + epoch).permutation(len(encoded))
-    chunk = order[i * args.batch_size:(i + 1) * args.batch_size]
-    share = args.batch_size // world
-    return chunk[rank * share:(rank + 1) * share].tolist()
+    chunk = order[i * args.batch_size:(i + 1) * args.batch_size].tolist()
+    return [chunk[j] for j in batching.balance([pair_len[i] for i in chunk], world)[rank]]
 
 
 def save(step):
@@ -243,38 +240,39 @@ for step in bar:
     t0 = time.perf_counter()
     lr = optim.cosine_lr(step, total_steps, args.lr, args.warmup)
     optim.set_lr(opt, lr)
-    stats, n_tok = [], 0
+    stats = []
     mine = pairs_for(step)
-    for s in range(0, len(mine), args.micro_batch_size):
-        idx = mine[s:s + args.micro_batch_size]
-        b = batch_of(idx)
-        logps, counts = pairs.pair_logps(policy, b)
+    lengths = [pair_len[i] for i in mine]
+    plan = batching.micro_batches(lengths, args.micro_batch_tokens, args.micro_batch_size, device)
+    for group in plan:  # []: a pass that joins the busier ranks' collectives
+        idx = [mine[j] for j in group]
+        logps, counts = pairs.pair_logps(policy, batch_of(idx))
         ref_lp, ref_n = ref_logps[idx], ref_counts[idx]
         if args.loss == "ipo":  # IPO is defined on length-averaged log-probs
             logps, ref_lp = logps / counts.clamp(min=1), ref_lp / ref_n.clamp(min=1)
-        chosen, rejected = logps.chunk(2)
+        chosen, rejected = logps[:len(idx)], logps[len(idx):]
         loss, pm = losses.dpo_loss(chosen, rejected, ref_lp[:, 0], ref_lp[:, 1], args.beta, args.loss)
         # summed over pairs, divided by the step's pair count; × world undoes FSDP's mean over ranks
         (loss.sum() / args.batch_size * world).backward()
         pm.update(loss=loss.detach().mean(), chosen_logp=chosen.detach().mean(),
                   rejected_logp=rejected.detach().mean())
-        stats.append(pm)
-        n_tok += int(b["attention_mask"].sum())
+        stats.append((pm, len(idx)))
     grad_norm, stepped = optim.step(policy, opt, args.grad_clip)  # skipped when the norm is NaN/inf
     skipped.update(stepped, step + 1, grad_norm)
     dt = time.perf_counter() - t0
 
-    # log: micro-batches are equal in size, so the mean of their means is the step's mean
-    metrics = {k: torch.stack([s_[k] for s_ in stats]).mean() for k in stats[0]}
-    metrics.update(grad_norm=grad_norm, skipped_steps=torch.tensor(float(skipped.total)),
-                   tokens_per_s=torch.tensor(n_tok / max(dt, 1e-9)), t_step=torch.tensor(dt))
+    # log: each micro-batch's means weighted by its pairs; a rank's share of the step's mean (ranks may hold
+    # different numbers of pairs), × world since the one reduction over ranks averages
+    metrics = {k: v * len(mine) * world / args.batch_size for k, v in log.micro_batch_mean(stats).items()}
+    metrics.update(grad_norm=grad_norm, skipped_steps=torch.tensor(float(skipped.total)), t_step=torch.tensor(dt),
+                   **batching.metrics(lengths, plan, dt, world))
     metrics = log.reduce_metrics(metrics)
     metrics["lr"] = lr
-    metrics["tokens_per_s"] *= world
     if dist.is_main():
         log.log_step(args.out, step + 1, metrics, (), tb)
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", margin=f"{metrics['reward_margin']:.3g}",
-                        acc=f"{metrics['reward_accuracy']:.2f}", lr=f"{lr:.3g}")
+                        acc=f"{metrics['reward_accuracy']:.2f}", lr=f"{lr:.3g}",
+                        tok_s=f"{metrics['train_tokens_per_s']:.3g}")
     skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
 
     # save; on SIGTERM (any rank) this step too, then exit

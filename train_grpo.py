@@ -9,7 +9,9 @@ One step (Bhaskar, Ye & Chen 2025, §2; GRPO from DeepSeekMath):
   2. the reward model scores (user turn, answer) — the thought is never shown to it;
   3. advantages (r − mean) / (std + 1e-6) within each prompt's group;
   4. one optimizer step over micro-batches: clipped surrogate + k3 KL to the initial policy
-     − entropy bonus, per-sequence token mean, normalized once for the whole step.
+     − entropy bonus, per-sequence token mean, normalized once for the whole step. A micro-batch is at
+     most --micro-batch-tokens tokens of samples packed end to end (rlmt.batching): no padding is
+     computed, and every rank runs as many micro-batches as the busiest one.
 
 What is simplified, on purpose: one optimizer step per rollout (the paper's setting), so the "old"
 log-probs are the current ones detached and the ratio is exactly 1 — clipping is kept for forks that
@@ -32,8 +34,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from rlmt import chat, checkpoint, cli, dist, log, losses, model as M, optim, reward, rollout
-from rlmt.logprobs import sequence_logprobs
+from rlmt import batching, chat, checkpoint, cli, dist, log, losses, model as M, optim, reward, rollout
+from rlmt.logprobs import packed_logprobs
 
 # --- CLI ------------------------------------------------------------------------------------------------
 
@@ -98,27 +100,25 @@ for step in bar:
     ro = rollout.on_policy(policy, tokenizer, mine, step=step, first=first, group_size=args.group_size,
                            temperature=args.temperature, **sampling)
     b = {k: v.to(device) for k, v in ro["batch"].items() if torch.is_tensor(v)}
-    prompt_len = ro["batch"]["prompt_len"]  # every response begins at this column: no log-probs before it
     adv = losses.group_advantages(ro["rewards"], args.group_size, scale_by_std=not args.no_std_scale).to(device)
 
-    # train: one optimizer step over micro-batches, normalized by the step's global count
+    # train: one optimizer step over micro-batches of at most --micro-batch-tokens tokens, each a packed row,
+    # normalized by the step's global count
     t0 = time.perf_counter()
-    mask = b["response_mask"]
+    mask, b["advantages"] = b["response_mask"], adv
     count = dist.all_reduce_sum(losses.aggregate_count(mask, args.loss_agg).to(device))
-    micro = [slice(s, s + args.micro_batch_size) for s in range(0, mask.shape[0], args.micro_batch_size)]
+    lengths = b["attention_mask"].sum(1).tolist()
+    plan = batching.micro_batches(lengths, args.micro_batch_tokens, args.micro_batch_size, device)
+    micro = [{k: v[group] for k, v in b.items()} for group in plan]  # []: a pass that joins the busier ranks'
     if ref is not None:  # the reference's log-probs first, then its full weights are freed for the training
         with torch.no_grad():
-            ref_logps = [sequence_logprobs(ref, b["input_ids"][s], b["attention_mask"][s], b["position_ids"][s],
-                                           args.temperature, start=prompt_len)[0] for s in micro]
+            ref_logps = [packed_logprobs(ref, mb, mb["response_mask"], args.temperature)[0] for mb in micro]
         dist.reshard(ref)
     stats = []
-    for i, s in enumerate(micro):
-        mb = {k: v[s] for k, v in b.items()}
+    for i, mb in enumerate(micro):
         m = mb["response_mask"]
-        ids, am, pos = mb["input_ids"], mb["attention_mask"], mb["position_ids"]
-        logp, ent = sequence_logprobs(policy, ids, am, pos, args.temperature,
-                                      with_entropy=args.entropy_coef > 0, start=prompt_len)
-        pg, pm = losses.policy_loss(logp, logp.detach(), adv[s], m,
+        logp, ent = packed_logprobs(policy, mb, m, args.temperature, with_entropy=args.entropy_coef > 0)
+        pg, pm = losses.policy_loss(logp, logp.detach(), mb["advantages"], m,
                                     args.clip_low, args.clip_high, args.dual_clip)
         per_token = pg
         if ref is not None:
@@ -131,14 +131,15 @@ for step in bar:
         # normalized by the whole step's count; × world undoes FSDP's average over ranks (a sum is due)
         (losses.aggregate(per_token, m, args.loss_agg, count=count) * world).backward()
         pm["sampler_logp_diff"] = losses.masked_mean((logp.detach() - mb["old_logprobs"]).abs(), m)
-        stats.append(pm)
+        stats.append((pm, m.sum()))
     grad_norm, stepped = optim.step(policy, opt, args.grad_clip)  # skipped when the norm is NaN/inf
     skipped.update(stepped, step + 1, grad_norm)
     t_train = time.perf_counter() - t0
 
     # log: one reduction over ranks, floats only here
-    metrics = {k: torch.stack([s_[k] for s_ in stats]).mean() for k in stats[0]}
-    metrics.update(rollout.metrics(ro, world), grad_norm=grad_norm, t_train=torch.tensor(t_train),
+    metrics = log.micro_batch_mean(stats)
+    metrics.update(rollout.metrics(ro, world), **batching.metrics(lengths, plan, t_train, world),
+                   grad_norm=grad_norm, t_train=torch.tensor(t_train),
                    zero_std_frac=losses.zero_std_fraction(ro["rewards"], args.group_size),
                    skipped_steps=torch.tensor(float(skipped.total)))
     if args.eval_every and eval_rows and (step + 1) % args.eval_every == 0:

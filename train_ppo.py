@@ -15,7 +15,8 @@ One step (Bhaskar, Ye & Chen 2025, §2; PPO: Schulman et al. 2017; GAE: Schulman
      returns = advantages + old values; advantages whitened over the whole batch (all ranks, masked);
   4. --ppo-epochs passes over the rollout, each in --mini-batches: per mini-batch one actor step (clipped
      surrogate − entropy bonus [+ KL loss]) and one critic step (value loss clipped around the old
-     values, token mean), each model with its own AdamW.
+     values, token mean), each model with its own AdamW. A mini-batch runs in micro-batches of at most
+     --micro-batch-tokens tokens, samples packed end to end (rlmt.batching), the same ones in step 2.
 
 What differs from train_grpo.py, on purpose: one sample per prompt, with a critic instead of the group as
 the baseline, so advantages are per token; old log-probs and values are stored before the first update
@@ -33,8 +34,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from rlmt import chat, checkpoint, cli, dist, log, losses, model as M, optim, reward, rollout
-from rlmt.logprobs import sequence_logprobs, sequence_values
+from rlmt import batching, chat, checkpoint, cli, dist, log, losses, model as M, optim, reward, rollout
+from rlmt.logprobs import packed_logprobs, packed_values
 
 # --- CLI ------------------------------------------------------------------------------------------------
 
@@ -120,7 +121,6 @@ def save(step):
 
 # --- loop -----------------------------------------------------------------------------------------------
 
-mbs = args.micro_batch_size
 bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not dist.is_main(),
            desc="ppo", dynamic_ncols=True)
 for step in bar:
@@ -130,24 +130,28 @@ for step in bar:
                            temperature=args.temperature, **sampling)
     b = {k: v.to(device) for k, v in ro["batch"].items() if torch.is_tensor(v)}
     mask, n = b["response_mask"], b["response_mask"].shape[0]
-    prompt_len = ro["batch"]["prompt_len"]  # every response begins at this column: no log-probs before it
+    # Strided mini-batches: mini-batch k holds the same samples whatever the number of ranks (a rank's rows
+    # are a contiguous slice of the step's, and each rank's row count is a multiple of --mini-batches).
+    # Each is cut into micro-batches by tokens, as many on every rank, the same ones in every pass below.
+    t0 = time.perf_counter()
+    lengths = b["attention_mask"].sum(1).tolist()
+    minis = [list(range(k, n, args.mini_batches)) for k in range(args.mini_batches)]
+    plans = [batching.micro_batches(lengths, args.micro_batch_tokens, args.micro_batch_size, device, among=idx)
+             for idx in minis]
 
     # before any update, no grad: the log-probs and values every epoch and mini-batch is trained against
-    t0 = time.perf_counter()
-    old_logp, old_values, ref_logp = [], [], []
+    old = {key: torch.zeros(mask.shape, device=device) for key in ("old_logp", "old_values", "ref_logp")}
     with torch.no_grad():
-        for s in range(0, n, mbs):
-            x = (b["input_ids"][s:s + mbs], b["attention_mask"][s:s + mbs], b["position_ids"][s:s + mbs])
-            old_logp.append(sequence_logprobs(policy, *x, args.temperature, start=prompt_len)[0])
-            old_values.append(sequence_values(critic, *x))
+        for group in (g for plan in plans for g in plan):  # []: a pass that joins the busier ranks'
+            mb = {key: v[group] for key, v in b.items()}
+            old["old_logp"][group] = packed_logprobs(policy, mb, mb["response_mask"], args.temperature)[0]
+            old["old_values"][group] = packed_values(critic, mb, mb["response_mask"])
             if ref is not None:
-                ref_logp.append(sequence_logprobs(ref, *x, args.temperature, start=prompt_len)[0])
+                old["ref_logp"][group] = packed_logprobs(ref, mb, mb["response_mask"], args.temperature)[0]
     for m in (policy, critic, ref):  # after a no-grad forward FSDP2 keeps each root's full weights: free them
         if m is not None:
             dist.reshard(m)
-    b["old_logp"], b["old_values"] = torch.cat(old_logp), torch.cat(old_values)
-    if ref is not None:
-        b["ref_logp"] = torch.cat(ref_logp)
+    b.update(old)
 
     # advantages: the score on the last response token (minus β·k1 per token), GAE, whitened over all ranks
     rewards = losses.last_token_rewards(ro["rewards"].to(device), mask)
@@ -159,18 +163,13 @@ for step in bar:
     # train: per mini-batch one actor and one critic step, each loss normalized by the mini-batch's global count
     stats, grad_norms, critic_grad_norms, value_loss = [], [], [], 0.0
     for _ in range(args.ppo_epochs):
-        for k in range(args.mini_batches):
-            # Strided rows: mini-batch k holds the same samples whatever the number of ranks (a rank's rows
-            # are a contiguous slice of the step's, and each rank's row count is a multiple of --mini-batches).
-            idx = torch.arange(k, n, args.mini_batches, device=device)
+        for idx, plan in zip(minis, plans):
             counts = dist.all_reduce_sum(torch.stack([losses.aggregate_count(mask[idx], args.loss_agg).float(),
                                                       mask[idx].sum().float()]))
-            for s in range(0, len(idx), mbs):
-                mb = {key: t[idx[s:s + mbs]] for key, t in b.items()}
+            for group in plan:
+                mb = {key: t[group] for key, t in b.items()}
                 m = mb["response_mask"]
-                ids, am, pos = mb["input_ids"], mb["attention_mask"], mb["position_ids"]
-                logp, ent = sequence_logprobs(policy, ids, am, pos, args.temperature,
-                                              with_entropy=args.entropy_coef > 0, start=prompt_len)
+                logp, ent = packed_logprobs(policy, mb, m, args.temperature, with_entropy=args.entropy_coef > 0)
                 pg, pm = losses.policy_loss(logp, mb["old_logp"], mb["advantages"], m, args.clip_low,
                                             args.clip_high, args.dual_clip)
                 per_token = pg
@@ -179,7 +178,7 @@ for step in bar:
                 if ent is not None:
                     per_token = per_token - args.entropy_coef * ent
                     pm["entropy"] = losses.masked_mean(ent.detach(), m)
-                values = sequence_values(critic, ids, am, pos)
+                values = packed_values(critic, mb, m)
                 vl, vm = losses.value_loss(values, mb["old_values"], mb["returns"], m, args.value_clip or None)
                 actor_loss = losses.aggregate(per_token, m, args.loss_agg, count=counts[0])
                 critic_loss = losses.aggregate(vl, m, "token-mean", count=counts[1])
@@ -188,7 +187,7 @@ for step in bar:
                 ((actor_loss + critic_loss) * world).backward()
                 value_loss += critic_loss.detach() * world  # summed over micro-batches and ranks: the mean
                 pm["value_clip_frac"] = vm["clip_frac"]
-                stats.append(pm)
+                stats.append((pm, m.sum()))
             # each model skips its step when its gradient norm is NaN/inf; the run counts either as skipped
             norm, stepped = optim.step(policy, opt, args.grad_clip)
             critic_norm, critic_stepped = optim.step(critic, critic_opt, args.grad_clip)
@@ -198,8 +197,10 @@ for step in bar:
     t_train = time.perf_counter() - t0
 
     # log: one reduction over ranks, floats only here
-    metrics = {k: torch.stack([s_[k] for s_ in stats]).mean() for k in stats[0]}
-    metrics.update(rollout.metrics(ro, world), grad_norm=torch.stack(grad_norms).mean(),
+    metrics = log.micro_batch_mean(stats)
+    metrics.update(rollout.metrics(ro, world), **batching.metrics(lengths, [r for plan in plans for r in plan],
+                                                                   t_train, world),
+                   grad_norm=torch.stack(grad_norms).mean(),
                    critic_grad_norm=torch.stack(critic_grad_norms).mean(),
                    value_loss=value_loss / len(grad_norms), value_mean=losses.masked_mean(b["old_values"], mask),
                    explained_variance=losses.explained_variance(b["old_values"], b["returns"], mask,

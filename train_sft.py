@@ -13,10 +13,11 @@ divided once by the step's assistant-token count over all micro-batches and rank
 whole step whatever the micro-batching. AdamW betas (0.9, 0.95), weight decay 1e-4, lr 4e-6 with 10%
 linear warmup then cosine decay to zero, 2 epochs, gradient norm clipped to 1.0.
 
---pack lays each rank's conversations end to end in rows of --max-len tokens, positions restarting at 0
-and attention blocked between conversations: less padding, the same loss per token. What is simplified:
-a conversation longer than --max-len is cut at the end (the count is printed), and packing passes an
-explicit [B, 1, T, T] mask, which SDPA runs without its flash kernel.
+A step's conversations are split between ranks by tokens, and each rank's are packed end to end into
+micro-batches of at most --micro-batch-tokens tokens (rlmt.batching), positions restarting at 0 and no
+attention between conversations: no padding is computed, and the loss per token is what each conversation
+gets alone. What is simplified: a conversation longer than --max-len is cut at the end (the count is
+printed).
 """
 
 import argparse
@@ -28,8 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rlmt import chat, checkpoint, cli, data, dist, log, losses, model as M, optim
-from rlmt.logprobs import packed_logprobs, sequence_logprobs
+from rlmt import batching, chat, checkpoint, cli, data, dist, log, losses, model as M, optim
+from rlmt.logprobs import packed_logprobs
 
 # --- CLI ------------------------------------------------------------------------------------------------
 
@@ -40,16 +41,13 @@ p.add_argument("--out", default="runs/sft", help="output folder: metrics, checkp
 p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
 p.add_argument("--epochs", type=float, default=2.0, help="passes over the data when --steps is unset")
 p.add_argument("--batch-size", type=int, default=16, help="conversations per optimizer step, all ranks together")
-p.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward/backward on one rank")
 p.add_argument("--lr", type=float, default=4e-6, help="peak AdamW learning rate")
 p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps with linear warmup (then cosine)")
 p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
 p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
-p.add_argument("--max-len", type=int, default=4096,
-               help="tokens per conversation (cut at the end); the row length with --pack")
-p.add_argument("--pack", action="store_true", help="pack conversations into rows of --max-len tokens")
+p.add_argument("--max-len", type=int, default=4096, help="tokens per conversation (cut at the end)")
 cli.add_precision_args(p)  # --dtype, --save-dtype, --max-skipped-steps: as in GRPO and PPO
-cli.add_memory_args(p)  # --activation-checkpointing, --plan and the GPUs it plans for
+cli.add_memory_args(p, "conversations")  # --micro-batch-tokens / -size, --activation-checkpointing, --plan
 p.add_argument("--seed", type=int, default=0, help="seed for the data order")
 p.add_argument("--stop-after", type=int, help="end this run after step N, saving (the lr schedule still spans "
                "the whole run; --resume continues it), e.g. to fit a job time limit")
@@ -122,13 +120,12 @@ preemption = checkpoint.Preemption(device)  # SIGTERM: save at the end of the st
 
 
 def examples_for(step):
-    """This rank's conversations at `step`: epoch-wise shuffles, a slice per step, one share per rank.
-    A function of the step alone, so resuming needs nothing but the step."""
+    """This rank's conversations at `step`: epoch-wise shuffles, a slice per step, split between the ranks
+    by tokens (batching.balance). A function of the step alone, so resuming needs nothing but the step."""
     epoch, i = divmod(step, steps_per_epoch)
     order = np.random.RandomState(args.seed + epoch).permutation(len(examples))
-    chunk = order[i * args.batch_size:(i + 1) * args.batch_size]
-    share = args.batch_size // world
-    return [examples[j] for j in chunk[rank * share:(rank + 1) * share]]
+    chunk = [examples[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size]]
+    return [chunk[j] for j in batching.balance([len(ids) for ids, _ in chunk], world)[rank]]
 
 
 def save(step):
@@ -146,26 +143,17 @@ for step in bar:
     t0 = time.perf_counter()
     lr = optim.cosine_lr(step, total_steps, args.lr, args.warmup)
     optim.set_lr(opt, lr)
-    b = data.sft_batch(examples_for(step), pad_id, pack_len=args.max_len if args.pack else None)
-    b = {k: v.to(device) for k, v in b.items()}
-    n_rows = b["input_ids"].shape[0]
-    count = dist.all_reduce_sum(b["loss_mask"].sum().float())  # the step's assistant tokens, all ranks
-    # Packed rows differ in number between ranks; every rank runs as many passes as the busiest one
-    # (an empty pass still joins FSDP's collectives).
-    n_passes = int(dist.all_reduce_max(torch.tensor(-(-n_rows // args.micro_batch_size), device=device)))
+    mine = examples_for(step)
+    lengths = [len(ids) for ids, _ in mine]
+    # the step's assistant tokens, all ranks
+    count = dist.all_reduce_sum(torch.tensor(float(sum(sum(m) for _, m in mine)), device=device))
+    plan = batching.micro_batches(lengths, args.micro_batch_tokens, args.micro_batch_size, device)
     loss_sum = torch.zeros((), device=device)
-    for k in range(n_passes):
-        mb = {key: v[k * args.micro_batch_size:(k + 1) * args.micro_batch_size] for key, v in b.items()}
-        extra = mb["input_ids"].shape[0] == 0
-        if extra:  # a pass only to match the busier rank's collectives: one row, nothing in the loss
-            mb = {key: v[:1] for key, v in b.items()}
-        m = torch.zeros_like(mb["loss_mask"]) if extra else mb["loss_mask"]
-        if args.pack:
-            logp = packed_logprobs(policy, mb["input_ids"], mb["position_ids"], mb["segment_ids"])
-        else:
-            logp, _ = sequence_logprobs(policy, mb["input_ids"], mb["attention_mask"], mb["position_ids"])
+    for group in plan:  # []: a pass that joins the busier ranks' collectives, nothing in the loss
+        mb = {k: v.to(device) for k, v in data.sft_batch([mine[i] for i in group], pad_id).items()}
+        logp, _ = packed_logprobs(policy, mb, mb["loss_mask"])
         # Σ −log π over assistant tokens / the step's count; × world undoes FSDP's mean over ranks
-        loss = losses.aggregate(-logp, m, "token-mean", count=count)
+        loss = losses.aggregate(-logp, mb["loss_mask"], "token-mean", count=count)
         (loss * world).backward()
         loss_sum += loss.detach()
     grad_norm, stepped = optim.step(policy, opt, args.grad_clip)  # skipped when the norm is NaN/inf
@@ -173,17 +161,13 @@ for step in bar:
     dt = time.perf_counter() - t0
 
     # log: one reduction over ranks (a mean, so the per-rank shares of the loss are scaled by world)
-    real = b["attention_mask"] if "attention_mask" in b else (b["segment_ids"] >= 0).long()
     metrics = log.reduce_metrics({
         "loss": loss_sum * world, "grad_norm": grad_norm, "skipped_steps": torch.tensor(float(skipped.total)),
-        "assistant_tokens": count,
-        "pad_frac": 1.0 - real.sum() / max(1, real.numel()), "rows": torch.tensor(float(n_rows)),
-        "tokens_per_s": real.sum() / max(dt, 1e-9), "t_step": torch.tensor(dt)})
+        "assistant_tokens": count, **batching.metrics(lengths, plan, dt, world), "t_step": torch.tensor(dt)})
     metrics["lr"] = lr
-    metrics["tokens_per_s"] *= world
     if dist.is_main():
         log.log_step(args.out, step + 1, metrics, (), tb)
-        bar.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{lr:.3g}", tok_s=f"{metrics['tokens_per_s']:.3g}")
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{lr:.3g}", tok_s=f"{metrics['train_tokens_per_s']:.3g}")
     skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
 
     # save; on SIGTERM (any rank) this step too, then exit

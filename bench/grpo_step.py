@@ -1,7 +1,9 @@
-"""One GRPO step, rlmt against TRL's `GRPOTrainer`, on the same model, reward and batch, in one run.
+"""One GRPO step, rlmt against TRL's `GRPOTrainer`, on the same model, reward and batch, in one run; or
+(--lengths rlmt) rlmt's training step at RLMT's lengths, padded rows (before packing) against packed ones.
 
     pip install trl "torch==2.13.0"   # a benchmark dependency only; the pin keeps pip from swapping torch
     python bench/grpo_step.py [--steps 3] [--warmup 1] [--repeat 3] [--micro-batch-size 4] [--threads 2]
+    python bench/grpo_step.py --lengths rlmt [--prompts 2] [--micro-batch-tokens 20480] [--repeat 2]
 
 The model is a random ~7M-parameter Llama (vocab 8,192, width 256, 4 layers, 8 heads, 2 KV heads: the
 shape of bench/sample_speed.py) with rlmt.tiny's Llama tokenizer and chat template, padded with
@@ -11,14 +13,14 @@ Built once under --workdir.
 One step, both sides: 2 prompts × G = 8 samples × exactly 128 new tokens at T 0.7, top-p 1 (EOS never
 ends a sample: rlmt `ignore_eos`, TRL `min_new_tokens=128`), a rule reward (answer length), group
 advantages (r − mean) / (std + eps), reference log-probs (k3 KL, coefficient 0.001) and policy log-probs
-+ entropy (bonus 0.001) at T 0.7 over micro-batches of --micro-batch-size rows, per-sequence token mean,
-backward, grad clip 1.0, one AdamW step (lr 1e-6, weight decay 0.01, constant lr). fp32, no activation
-checkpointing on either side.
++ entropy (bonus 0.001) at T 0.7, per-sequence token mean, backward, grad clip 1.0, one AdamW step (lr
+1e-6, weight decay 0.01, constant lr). fp32, no activation checkpointing on either side.
   rlmt: `rlmt_step` below, the body of train_grpo.py's loop written with the same library calls
-        (rollout.rollout, sequence_logprobs, losses.*). rollout() has no ignore_eos argument, so it is
-        passed through to sampler.generate for the call.
+        (rollout.rollout, batching.micro_batches, packed_logprobs, losses.*): micro-batches of at most
+        --micro-batch-tokens tokens (train_grpo.py's CPU default, 4,096: the step's 16 samples in one packed
+        row). rollout() has no ignore_eos argument, so it is passed through to sampler.generate for the call.
   TRL:  GRPOTrainer(loss_type="grpo", beta=0.001, entropy_coef=0.001, num_iterations=1, GA steps =
-        16 / micro-batch, generation with transformers' generate, no vLLM), timed from one on_step_end
+        16 / --micro-batch-size, generation with transformers' generate, no vLLM), timed from one on_step_end
         callback to the next (so the trainer's own per-step overhead counts, as rlmt's does).
 
 Each side runs in its own process (peak RSS from getrusage), --warmup untimed steps then --steps timed
@@ -28,6 +30,21 @@ every 2-thread op, and such runs are not comparable). Reported: the fastest and 
 timed steps of a side's quiet runs (--quiet), tokens/s = 2,048 generated tokens / fastest step, the
 median generation time and the median of the rest of a step, and the peak RSS of the process (whole,
 and above what it held before its first step).
+
+--lengths rlmt: no sampling, no TRL. One rollout batch at RLMT's lengths is built once per process from a
+seed: --prompts real prompts of the paper's data (../shared/data/rlmt-wildchat-if/train.jsonl) rendered
+with the Qwen3 tokenizer's chat template (../shared/data/tokenizers/qwen3) and left-truncated at 1,024
+tokens (their ids folded into the model's 8,192), × G = 8 responses of long-tailed lengths (log-normal,
+median --response-median, σ --response-sigma, cut at 4,096: a share ends at the cap, like RLMT's
+`length_frac`), random ids, random rewards. Timed: the training part of train_grpo.py's step (reference
+log-probs, policy log-probs + entropy, the loss, backward, clip, AdamW), on the same batch, two ways:
+  padded: the loop before packing (commit b6acb88): micro-batches of --micro-batch-size rows sliced in
+          order from the batch padded to the longest prompt + the longest response, sequence_logprobs
+          with a dense [B, 1, T, T] mask (left-padded prompts);
+  packed: today's loop: micro-batches of at most --micro-batch-tokens tokens, samples sorted by length
+          and packed end to end (batching.micro_batches, packed_logprobs), no padding computed.
+Reported per side: the fastest and median training step, pad_frac (share of computed positions that are
+padding), the number of micro-batches, real tokens per second, peak RSS.
 """
 
 import argparse
@@ -99,43 +116,86 @@ def ignoring_eos():
         sampler.generate = generate
 
 
-def rlmt_step(policy, ref, opt, tokenizer, rows, step, micro_batch_size):
+def rlmt_step(policy, ref, opt, tokenizer, rows, step, micro_batch_tokens):
     """One GRPO step as train_grpo.py's loop does it (one rank, no FSDP; metrics computed, not written)."""
     import torch
 
     from rlmt import dist, losses, rollout
-    from rlmt.logprobs import sequence_logprobs
     with ignoring_eos(), dist.full_copy(policy) as rollout_model, torch.no_grad():  # fp32 plain: itself
         ro = rollout.rollout(rollout_model, tokenizer, rows, template="chat", group_size=GROUP,
                              reward_fn=lambda prompts, answers: answer_length(answers), max_prompt_len=1024,
                              max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, batch_size=64,
                              seed=[(step << 20) + i for i in range(len(rows))])
     b = {k: v for k, v in ro["batch"].items() if torch.is_tensor(v)}
-    adv = losses.group_advantages(ro["rewards"], GROUP)
-    mask, prompt_len = b["response_mask"], ro["batch"]["prompt_len"]
-    count = dist.all_reduce_sum(losses.aggregate_count(mask, "seq-mean-token-mean"))
-    stats = []
-    for s in range(0, mask.shape[0], micro_batch_size):
-        mb = {k: v[s:s + micro_batch_size] for k, v in b.items()}
-        m = mb["response_mask"]
-        ids, am, pos = mb["input_ids"], mb["attention_mask"], mb["position_ids"]
-        with torch.no_grad():
-            ref_logp, _ = sequence_logprobs(ref, ids, am, pos, TEMPERATURE, start=prompt_len)
-        logp, ent = sequence_logprobs(policy, ids, am, pos, TEMPERATURE, with_entropy=True, start=prompt_len)
-        pg, pm = losses.policy_loss(logp, logp.detach(), adv[s:s + micro_batch_size], m, CLIP, CLIP, 3.0)
-        kl = losses.kl(logp, ref_logp, "k3", mask=m)
-        per_token = pg + KL_COEF * kl - ENTROPY_COEF * ent
-        losses.aggregate(per_token, m, "seq-mean-token-mean", count=count).backward()
-        pm.update(kl=losses.masked_mean(kl.detach(), m), entropy=losses.masked_mean(ent.detach(), m),
-                  sampler_logp_diff=losses.masked_mean((logp.detach() - mb["old_logprobs"]).abs(), m))
-        stats.append(pm)
+    ro["metrics"] = train_packed(policy, ref, opt, b, losses.group_advantages(ro["rewards"], GROUP),
+                                 micro_batch_tokens)
+    ro["metrics"].update(reward_mean=ro["rewards"].mean().item())
+    return ro
+
+
+def _loss(logp, ref_logp, ent, adv, m, count, stats):
+    """train_grpo.py's loss of one micro-batch (k3 KL, entropy bonus, per-sequence token mean over the
+    step's count), backward; its metrics appended to `stats` with their token weight."""
+    from rlmt import losses
+    pg, pm = losses.policy_loss(logp, logp.detach(), adv, m, CLIP, CLIP, 3.0)
+    kl = losses.kl(logp, ref_logp, "k3", mask=m)
+    losses.aggregate(pg + KL_COEF * kl - ENTROPY_COEF * ent, m, "seq-mean-token-mean", count=count).backward()
+    pm.update(kl=losses.masked_mean(kl.detach(), m), entropy=losses.masked_mean(ent.detach(), m))
+    stats.append((pm, m.sum()))
+
+
+def _finish(policy, opt, stats, **extra):
+    """Clip, step, and the step's metrics as floats."""
+    import torch
+
+    from rlmt import log
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), GRAD_CLIP)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    # the step's metrics as floats, as the trainer logs them (TRL's side logs its own)
-    ro["metrics"] = {k: torch.stack([pm[k] for pm in stats]).mean().item() for k in stats[0]}
-    ro["metrics"].update(grad_norm=grad_norm.item(), reward_mean=ro["rewards"].mean().item())
-    return ro
+    return {**{k: v.item() for k, v in log.micro_batch_mean(stats).items()}, "grad_norm": grad_norm.item(), **extra}
+
+
+def train_packed(policy, ref, opt, b, adv, micro_batch_tokens, micro_batch_size=None):
+    """The training part of train_grpo.py's step: micro-batches of at most micro_batch_tokens tokens, each
+    one packed row. b: the rollout batch [N, T]; adv [N]. -> metrics (floats), pad_frac and n_micro."""
+    import torch
+
+    from rlmt import batching, dist, losses
+    from rlmt.logprobs import packed_logprobs
+    b = {**b, "advantages": adv}
+    count = dist.all_reduce_sum(losses.aggregate_count(b["response_mask"], "seq-mean-token-mean"))
+    lengths = b["attention_mask"].sum(1).tolist()
+    plan = batching.micro_batches(lengths, micro_batch_tokens, micro_batch_size)
+    micro = [{k: v[rows] for k, v in b.items()} for rows in plan]
+    with torch.no_grad():
+        ref_logps = [packed_logprobs(ref, mb, mb["response_mask"], TEMPERATURE)[0] for mb in micro]
+    stats = []
+    for mb, ref_logp in zip(micro, ref_logps):
+        m = mb["response_mask"]
+        logp, ent = packed_logprobs(policy, mb, m, TEMPERATURE, with_entropy=True)
+        _loss(logp, ref_logp, ent, mb["advantages"], m, count, stats)
+    return _finish(policy, opt, stats, pad_frac=batching.pad_frac(lengths, plan), n_micro=len(plan))
+
+
+def train_padded(policy, ref, opt, b, adv, prompt_len, micro_batch_size):
+    """The same step as train_grpo.py ran it before packing (commit b6acb88): micro-batches of
+    micro_batch_size rows sliced in order from the padded batch, sequence_logprobs (a dense mask)."""
+    import torch
+
+    from rlmt import dist, losses
+    from rlmt.logprobs import sequence_logprobs
+    mask = b["response_mask"]
+    count = dist.all_reduce_sum(losses.aggregate_count(mask, "seq-mean-token-mean"))
+    micro = [slice(s, s + micro_batch_size) for s in range(0, mask.shape[0], micro_batch_size)]
+    x = [(b["input_ids"][s], b["attention_mask"][s], b["position_ids"][s], TEMPERATURE) for s in micro]
+    with torch.no_grad():
+        ref_logps = [sequence_logprobs(ref, *xs, start=prompt_len)[0] for xs in x]
+    stats = []
+    for s, xs, ref_logp in zip(micro, x, ref_logps):
+        logp, ent = sequence_logprobs(policy, *xs, with_entropy=True, start=prompt_len)
+        _loss(logp, ref_logp, ent, adv[s], mask[s], count, stats)
+    real = b["attention_mask"].sum().item()
+    return _finish(policy, opt, stats, pad_frac=1 - real / b["attention_mask"].numel(), n_micro=len(micro))
 
 
 def run_rlmt(args, path):
@@ -152,7 +212,7 @@ def run_rlmt(args, path):
     base, times, t_gen = peak_mb(), [], []
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        ro = rlmt_step(policy, ref, opt, tokenizer, rows, step, args.micro_batch_size)
+        ro = rlmt_step(policy, ref, opt, tokenizer, rows, step, args.micro_batch_tokens)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             t_gen.append(ro["t_sample"])
@@ -223,13 +283,89 @@ def run_trl(args, path):
             "prompt_lens": prompt_lens, "threads": torch.get_num_threads(), "trl": trl.__version__}
 
 
+# --- RLMT's lengths: padded vs packed -------------------------------------------------------------------
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
+MAX_PROMPT, MAX_RESPONSE = 1024, 4096
+
+
+def rlmt_batch(args, vocab):
+    """A rollout batch at RLMT's lengths, the same for a given --seed: --prompts of the paper's prompts
+    (their Qwen3 chat-template tokens, left-truncated at 1,024, ids folded into `vocab`) × GROUP responses
+    of log-normal lengths cut at 4,096 -> (batch as sampler.to_batch lays it out, advantages [N])."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from rlmt import data, losses
+    rng = np.random.RandomState(args.seed)
+    rows = data.load_prompts(os.path.join(SHARED, "rlmt-wildchat-if", "train.jsonl"))
+    rows = [rows[i] for i in rng.choice(len(rows), args.prompts, replace=False)]
+    tok = AutoTokenizer.from_pretrained(os.path.join(SHARED, "tokenizers", "qwen3"))
+    prompts, _ = data.encode_prompts(tok, rows, "chat", MAX_PROMPT)
+    prompts = [[t % vocab for t in p] for p in prompts for _ in range(GROUP)]
+    lens = np.minimum(MAX_RESPONSE, np.ceil(rng.lognormal(np.log(args.response_median), args.response_sigma,
+                                                            len(prompts)))).astype(int)
+    responses = [rng.randint(0, vocab, n).tolist() for n in lens]
+    b = data.join(prompts, responses, 0)
+    b["old_logprobs"] = torch.zeros(b["input_ids"].shape)
+    rewards = torch.tensor(rng.randn(len(prompts)), dtype=torch.float32)
+    return b, losses.group_advantages(rewards, GROUP)
+
+
+def run_lengths(args, path):
+    import torch
+
+    from rlmt import model as M
+    torch.manual_seed(0)
+    policy = M.from_pretrained(path).train()
+    ref = M.from_pretrained(path).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(policy.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=WEIGHT_DECAY)
+    b, adv = rlmt_batch(args, policy.config.vocab_size)
+    prompt_len, b = b["prompt_len"], {k: v for k, v in b.items() if torch.is_tensor(v)}
+    base, times = peak_mb(), []
+    for step in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        if args.side == "packed":
+            m = train_packed(policy, ref, opt, b, adv, args.micro_batch_tokens, args.micro_batch_cap)
+        else:
+            m = train_padded(policy, ref, opt, b, adv, prompt_len, args.micro_batch_size)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    am = b["attention_mask"]
+    return {"times": times, "t_gen": [0.0] * len(times), "base_mb": base, "peak_mb": peak_mb(), "metrics": m,
+            "rows": am.shape[0], "width": am.shape[1], "tokens": int(am.sum()),
+            "prompt_tokens": int(am[:, :prompt_len].sum()), "response_tokens": int(b["response_mask"].sum()),
+            "length_frac": float((b["response_mask"].sum(1) == MAX_RESPONSE).float().mean()),
+            "threads": torch.get_num_threads()}
+
+
+def summarize_lengths(args, quiet, res):
+    first = res["padded"][0]
+    print(f"\none step: {args.prompts} prompts x {GROUP} samples = {first['rows']} rows, {first['tokens']:,} tokens "
+          f"({first['prompt_tokens']:,} prompt, {first['response_tokens']:,} response; "
+          f"{first['length_frac']:.0%} of responses at {MAX_RESPONSE:,}); padded to {first['width']:,} columns; "
+          f"{first['threads']} threads; {args.steps} timed steps x {args.repeat} processes per side")
+    print(f"  {'':40s} {'fastest':>8s} {'median':>8s} {'tok/s':>7s} {'pad_frac':>8s} {'micro':>5s} {'peak RSS':>9s}")
+    summary = {}
+    for side, name in [("padded", f"padded, {args.micro_batch_size} rows a micro-batch"),
+                       ("packed", f"packed, <= {args.micro_batch_tokens:,} tokens a micro-batch")]:
+        times = [t for one in quiet[side] for t in one["times"]]
+        m = res[side][0]["metrics"]
+        summary[side] = min(times), statistics.median(times)
+        print(f"  {name:40s} {min(times):7.2f}s {statistics.median(times):7.2f}s {first['tokens'] / min(times):7.0f} "
+              f"{m['pad_frac']:8.3f} {m['n_micro']:5d} {max(one['peak_mb'] for one in res[side]):6.0f} MB")
+    (f_a, m_a), (f_b, m_b) = summary["padded"], summary["packed"]
+    print(f"  ratio (padded / packed): {f_a / f_b:.2f}x fastest, {m_a / m_b:.2f}x median")
+
+
 # --- driver -------------------------------------------------------------------------------------------
 
 def child(args):
     import torch
     torch.set_num_threads(args.threads)
     path = build(args.workdir)
-    res = (run_rlmt if args.side == "rlmt" else run_trl)(args, path)
+    res = {"rlmt": run_rlmt, "trl": run_trl}.get(args.side, run_lengths)(args, path)
     print("RESULT " + json.dumps(res))
 
 
@@ -238,31 +374,52 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first, per process")
     p.add_argument("--repeat", type=int, default=3, help="processes per side, alternating rlmt / TRL")
-    p.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward/backward (both sides)")
+    p.add_argument("--micro-batch-size", type=int, default=4,
+                   help="rows per forward/backward: TRL's side; with --lengths rlmt, the padded side's")
+    p.add_argument("--micro-batch-tokens", type=int,
+                   help="rlmt's token budget of a micro-batch (default: train_grpo.py's on the CPU, 4,096; with "
+                        "--lengths rlmt, 20,480: the padded side's 4 rows of 5,120)")
+    p.add_argument("--micro-batch-cap", type=int, help="with --lengths rlmt: at most this many rows in a packed "
+                   "micro-batch (train_grpo.py's --micro-batch-size; default: no cap)")
+    p.add_argument("--lengths", choices=["rlmt"], help="rlmt: padded vs packed training at RLMT's lengths, no TRL")
+    p.add_argument("--prompts", type=int, default=2, help="with --lengths rlmt: prompts a step (x 8 samples)")
+    p.add_argument("--response-median", type=float, default=900.0,
+                   help="with --lengths rlmt: median response length (log-normal, cut at 4,096)")
+    p.add_argument("--response-sigma", type=float, default=0.8, help="with --lengths rlmt: its log-normal sigma")
+    p.add_argument("--seed", type=int, default=0, help="with --lengths rlmt: which prompts and lengths")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "rlmt-bench"),
                    help="where the random checkpoint is saved (reused)")
     p.add_argument("--quiet", type=float, default=0.25,
                    help="summarize only runs during which other processes used fewer cores than this")
-    p.add_argument("--side", choices=["rlmt", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["rlmt", "trl", "padded", "packed"], help=argparse.SUPPRESS)
     args = p.parse_args()
-    if (len(PROMPTS) * GROUP) % args.micro_batch_size:
-        p.error(f"--micro-batch-size must divide {len(PROMPTS) * GROUP} rows")
+    if args.micro_batch_tokens is None:
+        args.micro_batch_tokens = 4 * (MAX_PROMPT + MAX_RESPONSE) if args.lengths else 4096
+    if not args.lengths and (len(PROMPTS) * GROUP) % args.micro_batch_size:
+        p.error(f"--micro-batch-size must divide {len(PROMPTS) * GROUP} rows (TRL's gradient accumulation)")
     if args.side:
         return child(args)
+    if args.lengths:
+        return compare(args, ("padded", "packed"), summarize_lengths)
     if importlib.util.find_spec("trl") is None:
         import torch
         print("bench/grpo_step.py times rlmt against TRL's GRPOTrainer, and trl is not installed: nothing to do.\n"
               f"Install it without replacing torch:  pip install trl \"torch=={torch.__version__.split('+')[0]}\"\n"
               "(a benchmark dependency only; rlmt itself does not need it)")
         return
-    import torch
-    import transformers
+    compare(args, ("rlmt", "trl"), summarize_trl)
+
+
+def compare(args, sides, summarize):
+    """Each side in its own process, the sides alternating --repeat times; then summarize(args, quiet, res):
+    res {side: [results]}, quiet: the same without the runs a busy neighbour disturbed (all of them when no
+    side has a quiet run, with a warning)."""
     os.makedirs(args.workdir, exist_ok=True)
     build(args.workdir)  # once, before any timing
-    res = {"rlmt": [], "trl": []}
+    res = {side: [] for side in sides}
     for r in range(args.repeat):
-        for side in ("rlmt", "trl"):
+        for side in sides:
             cmd = [sys.executable, os.path.abspath(__file__), "--side", side] + sys.argv[1:]
             busy0, kids0, t0 = cpu_busy_s(), children_cpu_s(), time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -272,25 +429,32 @@ def main():
                 sys.exit(f"{side} run failed (exit {out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
             res[side].append(dict(json.loads(line[len("RESULT "):]), others=others))
             one = res[side][-1]
-            print(f"run {r + 1} {side:4s}: steps " + ", ".join(f"{t:.2f}" for t in one["times"]) +
+            print(f"run {r + 1} {side:6s}: steps " + ", ".join(f"{t:.2f}" for t in one["times"]) +
                   " s (generation " + ", ".join(f"{t:.2f}" for t in one["t_gen"]) +
                   f" s); peak RSS {one['peak_mb']:.0f} MB, {one['peak_mb'] - one['base_mb']:.0f} MB above setup; "
                   f"other processes used {others:.1f} cores", flush=True)
+    quiet = {side: [one for one in runs if one["others"] < args.quiet] for side, runs in res.items()}
+    if all(quiet.values()):
+        print(f"summary of the quiet runs (other processes below {args.quiet} cores): "
+              + ", ".join(f"{len(quiet[side])} {side}" for side in sides) + f" of {args.repeat} each")
+    else:
+        quiet = res
+        print(f"WARNING: no quiet run on at least one side (other processes used >= {args.quiet} cores); "
+              "the summary mixes in contended runs and is not a fair comparison: rerun on an idle machine")
+    summarize(args, quiet, res)
+
+
+def summarize_trl(args, quiet, res):
+    import torch
+    import transformers
     first = res["trl"][0]
     tokens = len(PROMPTS) * GROUP * NEW_TOKENS
     print(f"\ntorch {torch.__version__}, transformers {transformers.__version__}, trl {first['trl']}, "
           f"{first['threads']} threads (rlmt {res['rlmt'][0]['threads']}); prompts of "
           f"{res['rlmt'][0]['prompt_lens']} tokens (TRL {first['prompt_lens']})")
     print(f"one step: {len(PROMPTS)} prompts x {GROUP} samples x {NEW_TOKENS} new tokens = {tokens} tokens, "
-          f"micro-batches of {args.micro_batch_size}; {args.steps} timed steps x {args.repeat} processes per side")
-    quiet = {side: [one for one in runs if one["others"] < args.quiet] for side, runs in res.items()}
-    if all(quiet.values()):
-        print(f"summary of the quiet runs (other processes below {args.quiet} cores): "
-              f"{len(quiet['rlmt'])} rlmt, {len(quiet['trl'])} TRL of {args.repeat} each")
-    else:
-        quiet = res
-        print(f"WARNING: no quiet run on at least one side (other processes used >= {args.quiet} cores); "
-              "the summary mixes in contended runs and is not a fair comparison: rerun on an idle machine")
+          f"micro-batches of {args.micro_batch_tokens} tokens (rlmt) / {args.micro_batch_size} rows (TRL); "
+          f"{args.steps} timed steps x {args.repeat} processes per side")
     print(f"  {'':18s} {'fastest':>8s} {'median':>8s} {'tok/s':>7s} {'generation':>10s} {'the rest':>9s} "
           f"{'peak RSS':>9s} {'above setup':>11s}")
     summary = {}

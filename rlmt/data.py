@@ -1,4 +1,4 @@
-"""Prompt, preference and SFT files; left-truncation; padding and masks.
+"""Prompt, preference and SFT files; left-truncation; padding and the loss masks.
 
 Files are JSONL (one object a line) or one JSON array. Every row is checked before any model is
 loaded, and a bad row gets one message naming the file, the line (or array index) and the problem.
@@ -268,58 +268,17 @@ def encode_sft(tokenizer, messages, max_len=None):
     return ids, mask
 
 
-# ----------------------------------------------------------------------------- SFT: batches, padded or packed
+# ----------------------------------------------------------------------------- SFT: batches
 
-def pack(lengths, max_len):
-    """Greedy packing in order: example indices grouped into rows of at most max_len tokens.
-
-    lengths: token counts (each <= max_len) -> [[indices of row 0], [row 1], ...]; a row is closed when
-    the next example does not fit. Order is kept, so a step's examples are the same packed or not."""
-    rows, used = [], max_len + 1
-    for i, n in enumerate(lengths):
-        if n > max_len:
-            raise ValueError(f"example {i} has {n} tokens, more than the row length {max_len}")
-        if used + n > max_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += n
-    return rows
-
-
-def sft_batch(examples, pad_id, pack_len=None):
-    """SFT examples [(ids, mask)] -> LongTensors [B, T] input_ids, loss_mask, position_ids, and either
-    attention_mask (one example a row, right-padded) or segment_ids (pack_len: examples packed into rows
-    of at most pack_len tokens; segment_ids numbers the examples of a row 0, 1, … and is −1 on padding;
-    position_ids restart at 0 with each example). loss_mask[b, t] = 1 where input_ids[b, t] is an
-    assistant token to learn (the alignment of rlmt.logprobs.sequence_logprobs)."""
-    if pack_len is None:
-        ids, attention_mask = right_pad([e[0] for e in examples], pad_id)
-        loss_mask, _ = right_pad([e[1] for e in examples], 0)
-        return {"input_ids": ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-                "position_ids": position_ids(attention_mask)}
-    rows = pack([len(e[0]) for e in examples], pack_len)
-    seqs, masks, pos, seg = [], [], [], []
-    for row in rows:
-        seqs.append([t for i in row for t in examples[i][0]])
-        masks.append([t for i in row for t in examples[i][1]])
-        pos.append([p for i in row for p in range(len(examples[i][0]))])
-        seg.append([k for k, i in enumerate(row) for _ in examples[i][0]])
-    ids, real = right_pad(seqs, pad_id)
-    segment_ids = torch.where(real.bool(), right_pad(seg, 0)[0], -1)
-    return {"input_ids": ids, "loss_mask": right_pad(masks, 0)[0], "position_ids": right_pad(pos, 0)[0],
-            "segment_ids": segment_ids}
-
-
-def block_causal_mask(segment_ids):
-    """segment_ids [B, T] (−1 = padding) -> bool [B, 1, T, T], True = may attend: causal, and only within
-    the query's own example, so packed examples never see each other. A padding position attends to
-    itself alone (an empty softmax row would be NaN)."""
-    T = segment_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] >= 0)
-    m = (same & causal) | torch.eye(T, dtype=torch.bool, device=segment_ids.device)
-    return m[:, None]
+def sft_batch(examples, pad_id):
+    """SFT examples [(ids, mask)] -> LongTensors [B, T] input_ids, attention_mask, loss_mask, position_ids,
+    one example a row, right-padded. loss_mask[b, t] = 1 where input_ids[b, t] is an assistant token to
+    learn (the alignment of rlmt.logprobs.sequence_logprobs). Training packs the rows end to end
+    (rlmt.logprobs.packed_logprobs), so the padding is never computed."""
+    ids, attention_mask = right_pad([e[0] for e in examples], pad_id)
+    loss_mask, _ = right_pad([e[1] for e in examples], 0)
+    return {"input_ids": ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+            "position_ids": position_ids(attention_mask)}
 
 
 # ----------------------------------------------------------------------------- DPO pairs

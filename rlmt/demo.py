@@ -86,7 +86,7 @@ def build(out_dir, steps=200, seed=0):
 def apply_grpo_defaults(args, parser):
     """Fill a train_grpo.py namespace for the demo (flags the user gave explicitly are kept)."""
     _apply(args, parser, dict(out="runs/grpo-demo", template="zero", strict=True, prompts_per_step=8,
-                              group_size=8, micro_batch_size=16, sample_batch_size=64, lr=2e-3, kl_coef=0.001,
+                              group_size=8, sample_batch_size=64, lr=2e-3, kl_coef=0.001,
                               max_new_tokens=24, max_prompt_len=896, steps=40, save_every=0, eval_every=10,
                               eval_prompts=16, temperature=1.0))
 
@@ -97,7 +97,7 @@ def apply_ppo_defaults(args, parser):
     PPO's 4 epochs × 2 mini-batches per rollout, so the fresh value head sees enough updates to learn the
     offset within the demo's few steps (a tiny critic needs a few dozen)."""
     _apply(args, parser, dict(out="runs/ppo-demo", template="zero", strict=True, prompts_per_step=48,
-                              group_size=1, micro_batch_size=24, sample_batch_size=64, lr=5e-4, critic_lr=3e-3,
+                              group_size=1, sample_batch_size=64, lr=5e-4, critic_lr=3e-3,
                               ppo_epochs=4, mini_batches=2, max_new_tokens=24, max_prompt_len=896, steps=30,
                               save_every=0, eval_every=10, eval_prompts=16, temperature=1.0),
            reward_fn="rlmt.demo:offset_reward")
@@ -160,7 +160,7 @@ def build_sft(out_dir, n=256, seed=0):
 
 def apply_sft_defaults(args, parser):
     """Fill a train_sft.py namespace for the demo (flags the user gave explicitly are kept)."""
-    demo = dict(out="runs/sft-demo", lr=3e-3, batch_size=16, micro_batch_size=16, max_len=256, epochs=4.0,
+    demo = dict(out="runs/sft-demo", lr=3e-3, batch_size=16, max_len=256, epochs=4.0,
                 save_every=0)
     for k, v in demo.items():
         if getattr(args, k) == parser.get_default(k):
@@ -179,7 +179,7 @@ def answer_words(prompts, answers):
 def apply_dpo_defaults(args, parser):
     """Fill a train_dpo.py namespace for the demo: pairs sampled from the warm-started tiny model of
     build() under the Zero template, scored by answer_words, then DPO on them."""
-    demo = dict(out="runs/dpo-demo", template="zero", strict=True, lr=1e-3, batch_size=8, micro_batch_size=8,
+    demo = dict(out="runs/dpo-demo", template="zero", strict=True, lr=1e-3, batch_size=8,
                 max_new_tokens=24, max_prompt_len=896, epochs=6.0, save_every=0, warmup=0.05)
     for k, v in demo.items():
         if getattr(args, k) == parser.get_default(k):

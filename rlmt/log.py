@@ -27,6 +27,21 @@ def reduce_metrics(metrics):
     return dict(zip(names, vals.cpu().tolist()))
 
 
+def micro_batch_mean(stats):
+    """The step's value of per-micro-batch metrics: stats [(metrics {name: 0-d tensor}, weight)], each
+    metric a mean over its micro-batch (of its mask tokens, or pairs) and `weight` what it averaged over.
+    The weighted mean is then the mean over the whole step whatever the micro-batching, and the empty
+    micro-batches of a lighter rank (weight 0) count for nothing; a metric named *_max takes the maximum.
+    -> {name: 0-d tensor}."""
+    w = torch.stack([torch.as_tensor(x, dtype=torch.float32) for _, x in stats])
+    out = {}
+    for k in stats[0][0]:
+        v = torch.stack([m[k].float() for m, _ in stats])
+        v = torch.where(w > 0, v, 0.0)  # an empty micro-batch's mean may be 0 / 0
+        out[k] = v.max() if k.endswith("_max") else (v * w).sum() / w.sum().clamp(min=1)
+    return out
+
+
 def _append_jsonl(path, rows):
     with open(path, "a") as f:
         for r in rows:
@@ -122,5 +137,5 @@ def report(out_dir, **outputs):
 def progress_postfix(m):
     """The few numbers worth watching on the progress bar."""
     keys = (("reward_mean", "r"), ("format_rate", "fmt"), ("kl", "kl"), ("explained_variance", "ev"),
-            ("response_len", "len"), ("tokens_per_s", "tok/s"))
+            ("response_len", "len"), ("tokens_per_s", "tok/s"), ("train_tokens_per_s", "train tok/s"))
     return {short: f"{m[k]:.3g}" for k, short in keys if k in m}

@@ -21,7 +21,8 @@ within 1%). c is the compute dtype's size (2 for bf16), n the tokens of one forw
     With activation checkpointing each block keeps only its input (c · D) and one block is recomputed in
     the backward. A padded batch (a [B, 1, T, T] bool mask) adds the additive bias SDPA makes of it,
     c · B · T² per block that holds it (every block, or the recomputed one and the bool mask under
-    checkpointing).
+    checkpointing). The trainers run packed micro-batches (rlmt.batching: --micro-batch-tokens tokens
+    end to end in one row, variable-length attention, no mask): n = the token budget, no T² term.
 
 What the planner does not see: the CUDA context and NCCL's buffers (~1–3 GiB, outside torch's
 allocator) and fragmentation. --gpu-memory-utilization (0.9, vLLM's default) leaves that share of the
@@ -102,11 +103,12 @@ def forward_workspace_bytes(cfg, n, c):
 def sampling_reserve(cfg, c, prompt_tokens, slots, new_tokens):
     """What a rollout needs besides the weights and the KV cache: one prefill forward over at most
     sampler.PREFILL_TOKENS prompt tokens (their keys and values wait in a PromptKV until copied into
-    slots) and a decode step's fp32 logits, sampling buffers and draws [slots, new_tokens]."""
+    slots) and a decode step's fp32 logits (the step's and the CUDA graphs' shared output), sampling
+    buffers and draws [slots, new_tokens]."""
     from rlmt.sampler import PREFILL_TOKENS
     n = min(PREFILL_TOKENS, prompt_tokens)
     prefill = kv_bytes_per_token(cfg, c) * n + forward_workspace_bytes(cfg, n, c)
-    return prefill + 6 * 4 * cfg.vocab_size * slots + 4 * slots * new_tokens
+    return prefill + 7 * 4 * cfg.vocab_size * slots + 4 * slots * new_tokens
 
 
 def logprob_bytes(cfg, n):
@@ -173,8 +175,8 @@ def plan(*, policy, world, card, utilization=0.9, c=2, reference=None, critic=No
     sampling: dict(samples, slots, prompt_len, new_tokens, prompts): each rank decodes `samples` rows of
       at most prompt_len + new_tokens tokens in up to `slots` slots from a plain copy of the policy.
     scoring: dict(batch, length): reward-model forwards of batch × length tokens.
-    training: dict(rows, length, checkpointing, padded, pairs=False): one micro-batch's forward/backward
-      (pairs: DPO's [chosen; rejected], 2 × rows).
+    training: dict(tokens, checkpointing): one packed micro-batch's forward/backward over `tokens` tokens;
+      with a critic (PPO) both models' activations live until their joint backward.
     """
     budget = int(card * utilization)
     p = Plan(world, card, budget, utilization,
@@ -210,18 +212,19 @@ def plan(*, policy, world, card, utilization=0.9, c=2, reference=None, critic=No
                                "reward model forward": c * cfg.hidden_size * n + forward_workspace_bytes(cfg, n, c)}
         p.fixes["scoring"] = "the reward model's batch (rlmt.reward.RewardModel batch_size) or more GPUs"
     if training is not None:
-        rows = training["rows"] * (2 if training.get("pairs") else 1)
+        n, ckpt = training["tokens"], training["checkpointing"]
         models = [("policy", policy)] + ([("critic", critic)] if critic is not None else [])
-        peaks = {}
-        for name, s in models:  # the policy and the critic train one after the other: the larger counts
-            act = training_activations(s.cfg, rows, training["length"], c, training["checkpointing"],
-                                       training["padded"])
-            gather = {"unsharded weights: root + 2 blocks": c * (s.root + 2 * s.block),
-                      "root gradients, unsharded (+ fp32 for reduce)": s.root * (c + (4 if c != 4 else 0))}
-            peaks[name] = {**gather, **act}
-        name = max(peaks, key=lambda k: sum(peaks[k].values()))
-        p.phases["training"] = {**state, **frozen, **peaks[name]}
-        flags = "--micro-batch-size" + (", --activation-checkpointing on" if not training["checkpointing"] else "")
+        held, passing = {}, {}
+        for name, s in models:  # PPO: one backward of actor + critic loss, so both graphs are alive together
+            act = training_activations(s.cfg, 1, n, c, ckpt, padded=False)
+            lead = "" if name == "policy" else "critic: "
+            held.update({f"{lead}unsharded weights: root + 2 blocks": c * (s.root + 2 * s.block),
+                         f"{lead}root gradients, unsharded (+ fp32 for reduce)": s.root * (c + (4 if c != 4 else 0)),
+                         f"{lead}activations saved for backward": act.pop("activations saved for backward")})
+            for k, v in act.items():  # transient: one model's backward at a time
+                passing[k] = max(passing.get(k, 0), v)
+        p.phases["training"] = {**state, **frozen, **held, **passing}
+        flags = "--micro-batch-tokens" + (", --activation-checkpointing on" if not ckpt else "")
         p.fixes["training"] = f"{flags}, --max-new-tokens / --max-len, or more GPUs"
     return p
 

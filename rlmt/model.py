@@ -7,9 +7,17 @@ two heads on top:
   - "score": `score` [1, D] → one scalar per token: a reward model saved as …ForSequenceClassification
              reads it at the last valid token, a PPO critic uses every position as a value.
 Parameter names are the HF names, so a state dict maps one to one to the safetensors files.
+
+Attention comes in three layouts: plain causal (no padding, or right padding: a real token never sees the
+padding after it, so no mask is needed and SDPA keeps its flash kernel); a bool mask (left-padded prompts,
+the sampler's cache); and packed rows (`Segments`: several sequences end to end in one row, positions
+restarting at each, no attention across them) — variable-length flash attention on a GPU, SDPA per
+sequence elsewhere. No layout builds a dense [T, T] mask for packed rows.
 """
 
 import glob
+import inspect
+import itertools
 import json
 import math
 import os
@@ -41,6 +49,15 @@ ARCHITECTURES = {
     "Qwen2ForSequenceClassification": ("qwen2", "score"),
 }
 SUPPORTED_ROPE = ("default", "llama3", "linear")
+
+try:  # variable-length flash attention (CUDA only; torch >= 2.10)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+    _VARLEN_ARGS = inspect.signature(_varlen_attn).parameters
+    # torch 2.10 took is_causal=True; later versions take a (left, right) window, (-1, 0) being causal
+    _VARLEN_CAUSAL = {"window_size": (-1, 0)} if "window_size" in _VARLEN_ARGS else {"is_causal": True}
+    _VARLEN_GQA = "enable_gqa" in _VARLEN_ARGS  # K/V heads shared by several query heads, read in place
+except ImportError:
+    _varlen_attn, _VARLEN_CAUSAL, _VARLEN_GQA = None, {}, False
 
 
 @dataclass
@@ -88,6 +105,36 @@ class Config:
             rope_scaling=None if kind == "default" else {**rope, "rope_type": kind},
             attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), head=head)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The sequences of a packed row: input_ids [1, n] holds S sequences end to end, n = sum(lengths);
+    each attends causally to itself alone (its positions restart at 0: position_ids are the caller's).
+    lengths: S host ints (the per-sequence path slices by them); cu_seqlens: int32 [S + 1] cumulative
+    offsets on the model's device (what varlen_attn reads); max_len: the longest sequence."""
+    lengths: tuple
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+    @staticmethod
+    def of(lengths, device=None):
+        """Segments of sequences with these lengths (positive ints), laid end to end in this order."""
+        lengths = tuple(int(n) for n in lengths)
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"a packed row needs one or more non-empty sequences, got lengths {lengths}")
+        cu = torch.tensor((0, *lengths), dtype=torch.int64).cumsum(0).to(torch.int32)
+        return Segments(lengths, cu.to(device) if device is not None else cu, max(lengths))
+
+    def spans(self):
+        """[(start, end)] of each sequence along the row (host ints: no device read)."""
+        ends = [0, *itertools.accumulate(self.lengths)]
+        return list(zip(ends[:-1], ends[1:]))
+
+
+def _use_varlen(x):
+    """varlen_attn runs here: flash attention needs CUDA and a 16-bit dtype (fp32 takes the SDPA loop)."""
+    return _varlen_attn is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
 def rope_inv_freq(cfg: Config) -> torch.Tensor:
@@ -138,10 +185,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * hd, D, bias=False)
         self.H, self.K, self.hd, self.layer_idx = H, K, hd, layer_idx
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, segments=None):
         """x [B, T, D]; mask bool [B, 1, T, S] (True = may attend) or None for plain causal;
-        cache: an object with `update(layer_idx, k, v) -> (k_all, v_all)` (the sampler's KV cache)."""
+        cache: an object with `update(layer_idx, k, v) -> (k_all, v_all)` (the sampler's KV cache);
+        segments: a packed row (B = 1, Segments), causal within each sequence, nothing across them."""
         B, T, _ = x.shape
+        if segments is not None and _use_varlen(x):
+            return self._varlen(x, cos, sin, segments)
         q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.K, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.K, self.hd).transpose(1, 2)
@@ -157,8 +207,36 @@ class Attention(nn.Module):
         if self.K != self.H:  # GQA: expanding K/V keeps every SDPA backend (and masks) available
             k = k.repeat_interleave(self.H // self.K, dim=1)
             v = v.repeat_interleave(self.H // self.K, dim=1)
+        if segments is not None:
+            # Packed on the CPU (or in fp32): one causal SDPA per sequence, exact, O(sum L^2) work and no
+            # [T, T] mask (FlexAttention has no CPU backward). o_proj per sequence reads each output as a
+            # view, as it does one SDPA's over the row; joining the outputs first would keep a copy.
+            return torch.cat([self.o_proj(F.scaled_dot_product_attention(
+                q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True).transpose(1, 2).reshape(B, b - a, -1))
+                for a, b in segments.spans()], dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.hd))
+
+    def _varlen(self, x, cos, sin, seg):
+        """The packed row through varlen_attn: x [1, n, D] -> [1, n, D]. Tokens are laid out [n, heads, hd]
+        (varlen's layout, the projections' own: no transpose, no copy); GQA's K/V are read in place where
+        this torch's varlen_attn takes enable_gqa. Untested on a GPU in this repository's CI (CPU only):
+        tests/test_model.py runs this code with a stand-in for the kernel, on the CPU."""
+        n = x.shape[1]
+        q = self.q_proj(x).view(n, self.H, self.hd)
+        k = self.k_proj(x).view(n, self.K, self.hd)
+        v = self.v_proj(x).view(n, self.K, self.hd)
+        c, s = cos[0].transpose(0, 1), sin[0].transpose(0, 1)  # [1, n, hd] -> [n, 1, hd]
+        q, k = apply_rope(q, c, s), apply_rope(k, c, s)
+        gqa = {}
+        if self.K != self.H:
+            if _VARLEN_GQA:
+                gqa = {"enable_gqa": True}
+            else:
+                k = k.repeat_interleave(self.H // self.K, dim=1)
+                v = v.repeat_interleave(self.H // self.K, dim=1)
+        y = _varlen_attn(q, k, v, seg.cu_seqlens, seg.cu_seqlens, seg.max_len, seg.max_len, **_VARLEN_CAUSAL, **gqa)
+        return self.o_proj(y.reshape(1, n, self.H * self.hd))
 
 
 class MLP(nn.Module):
@@ -180,8 +258,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, segments=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, segments)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -191,6 +269,14 @@ class Trunk(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def right_padded(attention_mask):
+    """True when every row of attention_mask [B, T] is its tokens then padding (or no padding): plain causal
+    attention then never lets a real token see a pad (they all come after it), so no mask is needed. A pad
+    query attends to the tokens before it: finite, and never read (every loss masks it)."""
+    am = attention_mask.bool()
+    return bool(am[:, 0].all() & (am[:, :-1] >= am[:, 1:]).all())
 
 
 def attention_mask_4d(attention_mask):
@@ -218,10 +304,13 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False  # recompute each block in backward (long CoT training)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, *, cache=None, attn_mask=None,
-                last_only=False, targets=None, temperature=1.0, with_entropy=False, logits_from=0):
+                last_only=False, targets=None, temperature=1.0, with_entropy=False, logits_from=0,
+                segments=None, logits_at=None):
         """input_ids [B, T]; attention_mask [B, T] (1 = token, left or right padding); position_ids [B, T]
         (default cumsum(attention_mask) - 1, so left-padded rows start at 0).
         cache / attn_mask: the sampler's KV cache and its bool [B, 1, T, S] mask.
+        segments: a packed row (Segments; input_ids and position_ids [1, n], no attention_mask): the
+        sequences end to end, each attending to itself alone (rlmt.logprobs.packed_logprobs).
 
         Returns, for the LM head: logits [B, T, V] (or [B, 1, V] with last_only); with `targets` [B, T]
         the chunked fp32 log-probs (logprobs.token_logprobs) of those targets at `temperature`:
@@ -229,13 +318,17 @@ class Transformer(nn.Module):
         logits_from: with `targets`, the trunk runs over all T tokens but the LM head only over positions
         ≥ logits_from; the ones before are returned as 0 (an RL loss never reads the prompt's log-probs,
         and the head + softmax over V cost more than the trunk on small models).
+        logits_at: with `targets` [B, k], the head runs only at these k positions (LongTensor [k] along the
+        row, B = 1: a packed row's loss tokens) -> (logp [1, k], entropy [1, k] or None).
         For the score head: one scalar per token [B, T]."""
         B, T = input_ids.shape
+        if segments is not None and (B != 1 or attention_mask is not None or position_ids is None):
+            raise ValueError("a packed row (segments) is one row [1, n] with its position_ids and no attention_mask")
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if attention_mask is not None \
                 else torch.arange(T, device=input_ids.device).expand(B, T)
         mask = attn_mask
-        if mask is None and attention_mask is not None and not bool(attention_mask.all()):
+        if mask is None and attention_mask is not None and not right_padded(attention_mask):
             mask = attention_mask_4d(attention_mask)
         freqs = position_ids[:, None, :].float() * self.inv_freq.float()[None, :, None]  # [B, hd/2, T]
         emb = torch.cat((freqs, freqs), dim=1).transpose(1, 2)[:, None]                 # [B, 1, T, hd]
@@ -243,14 +336,18 @@ class Transformer(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, segments, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, cache, segments)
         h = self.model.norm(x)
         if self.config.head == "score":
             return F.linear(h, self.score.weight[0])  # [B, T]; not a view, which FSDP2 warns about
         if last_only:
             h = h[:, -1:]
+        if targets is not None and logits_at is not None:
+            from rlmt.logprobs import token_logprobs
+            logp, ent = token_logprobs(h[:, logits_at], self.lm_head.weight, targets, temperature, with_entropy)
+            return logp.clone(), ent.clone() if ent is not None else None  # not views (FSDP2 warns about those)
         if targets is not None:
             from rlmt.logprobs import token_logprobs
             logp, ent = token_logprobs(h[:, logits_from:], self.lm_head.weight, targets[:, logits_from:],

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as tdist
 
 from rlmt import data, dist, rollout
-from rlmt.logprobs import sequence_logprobs
+from rlmt.logprobs import packed_logprobs
 
 DROP_REASONS = ("too_few_parseable", "tie", "too_long")
 
@@ -180,11 +180,11 @@ def pair_logps(model, batch):
     """Summed log-probs of each completion of a pair_batch, and its token count.
 
     The same function gives the policy's (with grad) and the reference's (under no_grad, precomputed
-    once or live): one forward over [chosen; rejected], at temperature 1, with no logits for the prompt
-    columns (every completion begins at `prompt_len`). Masked positions are zeroed with torch.where
-    (padding never reaches the sum). Returns (logps [2k] fp32, n_tokens [2k] fp32)."""
-    logp, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                start=batch.get("prompt_len", 0))
+    once or live): one forward over the 2k sequences packed end to end (chosen and rejected of a pair in
+    the same micro-batch, so the DPO loss of the pair backpropagates at once), at temperature 1, the LM
+    head only on completion tokens. Masked positions are zeroed with torch.where (padding never reaches
+    the sum). Returns (logps [2k] fp32, n_tokens [2k] fp32): the k chosen, then the k rejected."""
     m = batch["response_mask"].bool()
+    logp, _ = packed_logprobs(model, batch, m)
     total = torch.where(m, logp.float(), torch.zeros((), device=logp.device)).sum(1)
     return total, m.sum(1).float()

@@ -273,3 +273,40 @@ def test_bad_input_gets_clear_messages(files, llama_dir, tmp_path):
     r = run(*train_args(llama_dir, str(files / "prompts.jsonl"), out), check=False)
     assert r.returncode != 0 and "prompts, not pairs" in r.stderr and "--reward-model" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_one_step_equals_the_padded_path(built, llama_dir, tmp_path):
+    """One step of train_dpo.py (the step's 4 pairs, chosen and rejected, packed into one micro-batch)
+    against the padded path as the loop ran before packing, written out here: the reference's summed
+    log-probs one pair a forward, the policy's 2 pairs a micro-batch on [chosen; rejected] left/right-padded
+    batches, the sigmoid loss summed over pairs / 4, AdamW. The loss, the gradient norm (Adam's first step
+    only sees each gradient's sign, the norm sees its size) and the update agree."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from rlmt import optim
+    out = str(tmp_path / "one")
+    run(*train_args(llama_dir, built[0], out, "--stop-after", 1, "--micro-batch-tokens", 10000,
+                    "--micro-batch-size", 4))
+    got = read_jsonl(os.path.join(out, "metrics.jsonl"))[0]
+    assert got["n_micro"] == 1
+    tok = chat.load_tokenizer(llama_dir)
+    encoded = [data.encode_pair(tok, r, "think") for r in data.load_pairs(built[0])]
+    step = [encoded[j] for j in np.random.RandomState(0).permutation(len(encoded))[:4]]
+    ref, policy = M.from_pretrained(llama_dir).eval(), M.from_pretrained(llama_dir).train()
+    with torch.no_grad():
+        ref_lp = torch.stack([pairs.pair_logps(ref, pairs.pair_batch([e], 0))[0] for e in step])  # [4, 2]
+    total = 0.0
+    for s in (slice(0, 2), slice(2, 4)):
+        lp, _ = pairs.pair_logps(policy, pairs.pair_batch(step[s], chat.pad_id(tok)))
+        chosen, rejected = lp.chunk(2)
+        loss, _ = losses.dpo_loss(chosen, rejected, ref_lp[s, 0], ref_lp[s, 1], 0.1, "sigmoid")
+        (loss.sum() / 4).backward()
+        total += loss.sum().item() / 4
+    opt = torch.optim.AdamW(policy.parameters(), lr=optim.cosine_lr(0, 6, 2e-3, 0.05), betas=(0.9, 0.95),
+                            weight_decay=1e-4)
+    norm, _ = optim.step(policy, opt, 1.0)
+    assert got["loss"] == pytest.approx(total, rel=1e-5) and got["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+    init = load_file(os.path.join(llama_dir, "model.safetensors"))
+    assert_same_update(init, load_file(os.path.join(out, "latest", "policy", "model.safetensors")),
+                       {k: v.detach() for k, v in policy.state_dict().items()})

@@ -51,7 +51,7 @@ def headline(configs, *extra):
 def test_headline_command_fits_8_h100(configs):
     r = run_script("train_grpo.py", *headline(configs, "--gpu-memory-gb", "80"))
     out = r.stdout
-    assert "activation checkpointing on" in out and "fits" in out.splitlines()[-1], out
+    assert "activation checkpointing on, micro-batches of 32,768 tokens" in out and "fits" in out.splitlines()[-1], out
     assert "does not fit" not in out
     # the paper's shapes: 8.03B policy and reference, a 7.50B reward model; 16 bytes a trained parameter
     assert "policy 8.03B params" in out and "reward model 7.50B params" in out
@@ -66,7 +66,7 @@ def test_headline_numbers(configs):
                     reward_model=memory.shapes(SKYWORK_8B),
                     sampling=dict(samples=64, slots=64, prompts=8, prompt_len=1024, new_tokens=4096),
                     scoring=dict(batch=8, length=5120),
-                    training=dict(rows=4, length=5120, checkpointing=True, padded=True))
+                    training=dict(tokens=4 * 5120, checkpointing=True))
     s, t = p.phases["sampling"], p.phases["training"]
     assert s["policy fp32 masters (sharded)"] == 4 * policy.per_rank(8) == pytest.approx(4 * 8.03e9 / 8, rel=1e-3)
     assert s["policy AdamW moments fp32 (sharded)"] == 8 * policy.per_rank(8)
@@ -90,19 +90,27 @@ def test_24gb_cards_are_refused_with_what_to_change(configs):
     args = _grpo_args(configs, gpu_memory_gb=24.0, plan=False)
     with pytest.raises(SystemExit) as e, _fake_gpu():
         cli.memory_check(args, argparse.ArgumentParser(), "grpo")
-    assert "does not fit its GPUs" in str(e.value) and "--micro-batch-size" in str(e.value)
+    assert "does not fit its GPUs" in str(e.value) and "--micro-batch-tokens" in str(e.value)
 
 
 def test_auto_checkpointing_follows_the_plan(configs):
     """auto: on for RLMT's 5,120 tokens, off for short sequences that fit without it; --plan for every script."""
     with _fake_gpu():
-        assert cli.memory_check(_grpo_args(configs, gpu_memory_gb=80.0, plan=False), None, "grpo") is True
+        # decided at 4 of the longest sequences (4 x 5,120 tokens need it), then the most tokens that fit
+        rlmt = _grpo_args(configs, gpu_memory_gb=80.0, plan=False)
+        assert cli.memory_check(rlmt, None, "grpo") is True and rlmt.micro_batch_tokens == cli.MAX_MICRO_BATCH_TOKENS
         short = _grpo_args(configs, gpu_memory_gb=80.0, plan=False, max_prompt_len=128, max_new_tokens=128)
-        assert cli.memory_check(short, None, "grpo") is False
+        assert cli.memory_check(short, None, "grpo") is False  # 4 x 256 tokens fit without it
+        assert 4 * 256 < short.micro_batch_tokens < cli.MAX_MICRO_BATCH_TOKENS and short.micro_batch_tokens % 1024 == 0
+        # off: the auto budget shrinks to what fits without it (still a whole 5,120-token sequence) ...
         off = _grpo_args(configs, gpu_memory_gb=80.0, plan=False, activation_checkpointing="off")
+        assert cli.memory_check(off, None, "grpo") is False and 5120 <= off.micro_batch_tokens < 4 * 5120
+        # ... a budget given that cannot fit without it is refused, saying what to change
+        off = _grpo_args(configs, gpu_memory_gb=80.0, plan=False, activation_checkpointing="off",
+                         micro_batch_tokens=4 * 5120)
         with pytest.raises(SystemExit) as e:
             cli.memory_check(off, None, "grpo")
-        assert "--activation-checkpointing on" in str(e.value)
+        assert "--activation-checkpointing on" in str(e.value) and "--micro-batch-tokens" in str(e.value)
     for script, rm in (("train_ppo.py", True), ("train_sft.py", False), ("train_dpo.py", True)):
         r = run_script(script, "--model", configs["llama"], *(["--reward-model", configs["skywork"]] if rm else []),
                        "--plan", "--world-size", "8", "--gpu-memory-gb", "80")
@@ -151,6 +159,33 @@ def test_activations_match_what_autograd_keeps(dtype, checkpointing, padded):
     assert work <= sum(plan.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_activations_match_what_autograd_keeps(dtype, checkpointing):
+    """A packed micro-batch (the trainers' unit: sequences end to end in one row, SDPA per sequence on the
+    CPU) keeps what the plan counts for its tokens, within 2%, with no T² term; the peak through the
+    backward stays under the plan's training terms."""
+    from rlmt import data
+    from rlmt.logprobs import packed_logprobs
+    cfg = Config.from_hf(TINY)
+    torch.manual_seed(0)
+    model = Transformer(cfg, TINY).to(dtype).train()
+    model.gradient_checkpointing = checkpointing
+    lengths = [(130, 60), (20, 200), (90, 12)]  # prompt, response: 512 tokens
+    b = data.join([[1] * p for p, _ in lengths], [[2] * r for _, r in lengths], 0)
+    mask = torch.ones_like(b["response_mask"])  # the head everywhere, as the plan assumes
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        logp, ent = packed_logprobs(model, b, mask, 0.7, with_entropy=True)
+        kept = _bytes(tracker.get_tracker_snapshot("current"), "Activation")
+        (logp.sum() + ent.sum()).backward()
+        peak = tracker.get_tracker_snapshot("peak")
+    plan = memory.training_activations(cfg, 1, 512, dtype.itemsize, checkpointing, padded=False)
+    assert kept == pytest.approx(plan["activations saved for backward"], rel=0.02)
+    assert _bytes(peak, "Activation") + _bytes(peak, "Temp") <= sum(plan.values())
+
+
 def test_kv_cache_and_trained_state_match_allocations():
     """The KV cache of a generate call and the FSDP2 state after one AdamW step, byte for byte."""
     cfg = Config.from_hf(TINY)
@@ -168,7 +203,7 @@ def test_kv_cache_and_trained_state_match_allocations():
     opt.step()
     moments = sum(v.to_local().nbytes for s in opt.state.values() for k, v in s.items() if k != "step")
     p = memory.plan(policy=memory.shapes(TINY), world=1, card=memory.GiB,
-                    training=dict(rows=2, length=16, checkpointing=False, padded=False))
+                    training=dict(tokens=32, checkpointing=False))
     t = p.phases["training"]
     assert sum(x.nbytes for x in local) == t["policy fp32 masters (sharded)"]
     assert all(x.dtype == torch.float32 for x in local)

@@ -218,3 +218,96 @@ def test_a_run_folder_resolves_to_its_newest_export(llama_dir, tmp_path):
     assert M.resolve_path(str(tmp_path / "run")) == str(tmp_path / "run" / "latest" / "policy")
     assert M.from_pretrained(str(tmp_path / "run")).config.vocab_size == M.from_pretrained(llama_dir).config.vocab_size
     assert M.resolve_path(llama_dir) == llama_dir  # a model folder is itself
+
+
+# ----------------------------------------------------------------------------- packed rows, right padding
+
+def _ragged(vocab, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen"])
+def test_packed_row_equals_each_sequence_alone(family, llama_dir, qwen_dir):
+    """Sequences laid end to end in one row (Segments), positions restarting at each: every position's
+    logits equal those of its sequence run alone, i.e. nothing attends across sequences. Lengths pass the
+    llama3 scaling's original context (64) and include a 1-token sequence."""
+    model = M.from_pretrained(llama_dir if family == "llama" else qwen_dir)
+    seqs = _ragged(model.config.vocab_size, [70, 1, 33, 90, 5])
+    ids = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    with torch.no_grad():
+        packed = model(ids, position_ids=pos, segments=M.Segments.of([len(s) for s in seqs]))[0]
+        alone = torch.cat([model(s[None])[0] for s in seqs])
+    # another attention shape per sequence: fp32 rounding of the logits' scale (measured ~1e-7)
+    assert_close_to_scale(packed, alone, 1e-5, "packed vs alone")
+    with pytest.raises(ValueError, match="one row"):
+        model(torch.cat([ids, ids]), position_ids=torch.cat([pos, pos]), segments=M.Segments.of([ids.shape[1]] * 2))
+
+
+def _stand_in_varlen(calls):
+    """torch 2.13's varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, enable_gqa) in plain
+    torch, per sequence, for the CPU: q [n, H, hd], k and v [n, K, hd] -> [n, H, hd]."""
+    import torch.nn.functional as F
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False, **kw):
+        calls.append(dict(window_size=window_size, enable_gqa=enable_gqa, cu=cu_q.tolist(), max_q=max_q,
+                          dtype=cu_q.dtype, shapes=(tuple(q.shape), tuple(k.shape)), **kw))
+        assert torch.equal(cu_q, cu_k) and max_q == max_k
+        cu = cu_q.tolist()
+        out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
+                                              v[a:b].transpose(0, 1), is_causal=window_size == (-1, 0),
+                                              enable_gqa=enable_gqa).transpose(0, 1)
+               for a, b in zip(cu[:-1], cu[1:])]
+        return torch.cat(out)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("gqa_in_kernel", [True, False])  # torch 2.13 (enable_gqa) and a torch without it
+def test_varlen_branch_with_a_stand_in_kernel(gqa_in_kernel, llama_dir, monkeypatch):
+    """The GPU branch's layout code ([n, heads, hd], RoPE on it, GQA, cu_seqlens) runs on the CPU with a
+    plain-torch stand-in for varlen_attn and equals the per-sequence SDPA path, forward and backward.
+    The kernel itself is CUDA-only and untested here."""
+    model = M.from_pretrained(llama_dir).train()
+    seqs = _ragged(model.config.vocab_size, [20, 7, 41])
+    ids, pos = torch.cat(seqs)[None], torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    seg = M.Segments.of([len(s) for s in seqs])
+    results, calls = [], []
+    for varlen in (False, True):
+        if varlen:
+            monkeypatch.setattr(M, "_varlen_attn", _stand_in_varlen(calls))
+            monkeypatch.setattr(M, "_use_varlen", lambda x: True)
+            monkeypatch.setattr(M, "_VARLEN_GQA", gqa_in_kernel)
+            monkeypatch.setattr(M, "_VARLEN_CAUSAL", {"window_size": (-1, 0)})
+        model.zero_grad(set_to_none=True)
+        out = model(ids, position_ids=pos, segments=seg)
+        out.float().logsumexp(-1).sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert len(calls) == model.config.num_layers
+    c = calls[0]
+    assert c["window_size"] == (-1, 0) and c["cu"] == [0, 20, 27, 68] and c["max_q"] == 41 and c["dtype"] == torch.int32
+    H, K, hd = model.config.num_heads, model.config.num_kv_heads, model.config.head_dim
+    assert c["shapes"] == ((68, H, hd), (68, K if gqa_in_kernel else H, hd)) and c["enable_gqa"] == gqa_in_kernel
+    (a, ga), (b, gb) = results
+    assert_close_to_scale(b, a, 1e-5, "logits")
+    for n in ga:
+        assert_close_to_scale(gb[n], ga[n], 1e-5, n)
+
+
+def test_right_padded_rows_take_no_mask(llama_dir, monkeypatch):
+    """Right padding comes after every real token: plain causal attention (no mask, SDPA's flash kernel)
+    gives the masked path's logits on every real token. Left padding still builds the mask."""
+    model = M.from_pretrained(llama_dir)
+    ids, am, pos = _batch(model.config.vocab_size, "right", T=24)
+    with torch.no_grad():
+        masked = model(ids, attn_mask=M.attention_mask_4d(am), position_ids=pos)
+        built = []
+        real = M.attention_mask_4d
+        monkeypatch.setattr(M, "attention_mask_4d", lambda m: built.append(1) or real(m))
+        plain = model(ids, am)
+        assert not built  # no [B, 1, T, T] mask for right-padded rows
+        model(*_batch(model.config.vocab_size, "left", T=24)[:2])
+        assert built
+    assert M.right_padded(am) and not M.right_padded(torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    assert M.right_padded(torch.ones(2, 3)) and not M.right_padded(torch.tensor([[1, 0, 1]]))
+    assert_close_to_scale(plain[am.bool()], masked[am.bool()], 1e-5, "right-padded, no mask vs mask")

@@ -1,5 +1,6 @@
-"""SFT: the assistant-token mask from the rendered template, packing, the schedule, and train_sft.py end to end
-(learns, resumes exactly, packs without changing the loss, checks its input)."""
+"""SFT: the assistant-token mask from the rendered template, the schedule, and train_sft.py end to end
+(learns, resumes exactly, gives the padded path's update, micro-batches by tokens without changing the
+loss, 2 ranks == 1 process, checks its input)."""
 
 import json
 import math
@@ -8,8 +9,8 @@ import os
 import pytest
 import torch
 
-from rlmt import data, losses, model as M, optim
-from rlmt.logprobs import packed_logprobs, sequence_logprobs
+from rlmt import chat, data, losses, model as M, optim
+from rlmt.logprobs import sequence_logprobs
 from conftest import assert_close_to_scale, assert_metrics_close, assert_same_update, run_script
 
 
@@ -84,38 +85,6 @@ def test_loss_ignores_system_user_and_template_tokens(family):
     assert abs(sft_loss(model, tok, [changed]).item() - base.item()) > 1e-3  # the test can fail
 
 
-# ----------------------------------------------------------------------------- packing
-
-def test_pack_rows():
-    assert data.pack([3, 4, 2, 5, 1], 6) == [[0], [1, 2], [3, 4]]
-    assert data.pack([6, 6], 6) == [[0], [1]]
-    with pytest.raises(ValueError, match="more than the row length"):
-        data.pack([7], 6)
-
-
-def test_packing_gives_the_same_logprobs(llama_tokenizer, llama_dir):
-    model = M.from_pretrained(llama_dir)
-    convs = [CONV, CONV[1:3], CONV[:3], [CONV[1], {"role": "assistant", "content": "yes"}]]
-    ex = [data.encode_sft(llama_tokenizer, c) for c in convs]
-    padded = data.sft_batch(ex, 0)
-    packed = data.sft_batch(ex, 0, pack_len=max(len(e[0]) for e in ex) + 20)
-    assert packed["input_ids"].shape[0] < len(ex)  # something was packed
-    with torch.no_grad():
-        lp_pad, _ = sequence_logprobs(model, padded["input_ids"], padded["attention_mask"], padded["position_ids"])
-        lp_pack = packed_logprobs(model, packed["input_ids"], packed["position_ids"], packed["segment_ids"])
-    a = lp_pad[padded["loss_mask"].bool()]  # row-major: example by example, in order, both ways
-    b = lp_pack[packed["loss_mask"].bool()]
-    assert_close_to_scale(a, b, 1e-5, "packed vs padded log-probs")
-    assert int(packed["loss_mask"].sum()) == sum(sum(m) for _, m in ex)
-    assert packed["position_ids"][0, len(ex[0][0])] == 0  # positions restart with the next example
-
-
-def test_block_causal_mask():
-    seg = torch.tensor([[0, 0, 1, 1, -1]])
-    m = data.block_causal_mask(seg)[0, 0].int().tolist()
-    assert m == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
-
-
 def test_cosine_lr():
     # 10 steps, 20% warmup = 2 steps: 0.5, 1.0; then ½(1 + cos(π k / 8)), k = 0..7
     lrs = [optim.cosine_lr(s, 10, 1.0, 0.2) for s in range(10)]
@@ -152,13 +121,14 @@ def tiny_args(model, data_path, out, *extra):
             "--lr", 3e-3, "--max-len", 128, "--save-every", 0, *extra]
 
 
-def test_learns_resumes_packs_and_shards(llama_dir, sft_file, tmp_path):
-    full, part, pack = str(tmp_path / "full"), str(tmp_path / "part"), str(tmp_path / "pack")
+def test_learns_resumes_micro_batches_and_shards(llama_dir, sft_file, tmp_path):
+    full, part, small = str(tmp_path / "full"), str(tmp_path / "part"), str(tmp_path / "small")
     run(*tiny_args(llama_dir, sft_file, full, "--steps", 6))
     a = metrics(full)
     assert [m["step"] for m in a] == [1, 2, 3, 4, 5, 6]
     assert a[-1]["loss"] < a[0]["loss"] - 1.0, [m["loss"] for m in a]  # the loss falls on a tiny dataset
     assert a[0]["lr"] == pytest.approx(3e-3 / 1) and a[-1]["lr"] < a[1]["lr"]  # 10% of 6: one warmup step
+    assert all(m["pad_frac"] == 0 for m in a) and a[0]["n_micro"] == 2  # 6 packed conversations, 3 a pass
     assert M.from_pretrained(os.path.join(full, "latest", "policy")).config.vocab_size > 0
     # resume: 3 steps, stop, 3 more == 6 straight (the cosine schedule spans the 6 steps in both)
     run(*tiny_args(llama_dir, sft_file, part, "--steps", 6, "--stop-after", 3))
@@ -166,24 +136,60 @@ def test_learns_resumes_packs_and_shards(llama_dir, sft_file, tmp_path):
     b = metrics(part)
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
     assert_metrics_close(a, b, ("loss", "grad_norm", "lr"), rel=1e-6)  # the same computations: bit for bit
-    # packing: fewer rows, the same loss per token (the same updates, so the same curve)
-    packed = tiny_args(llama_dir, sft_file, pack, "--steps", 6, "--pack", "--max-len", 160, "--micro-batch-size", 1)
-    run(*packed)
-    c = metrics(pack)
-    assert c[0]["rows"] < a[0]["rows"]
+    # micro-batches of at most 150 tokens, no row cap: more passes, the same loss per token (the same updates)
+    budget = tiny_args(llama_dir, sft_file, small, "--steps", 6, "--micro-batch-tokens", 150)
+    budget.remove("--micro-batch-size")
+    budget.remove(3)
+    run(*budget)
+    c = metrics(small)
+    assert all(y["n_micro"] > x["n_micro"] for x, y in zip(a, c))
     assert_metrics_close(a, c, ("loss",), rel=1e-5)  # other shapes, other summation order
     assert [x["assistant_tokens"] for x in a] == [y["assistant_tokens"] for y in c]
-    # torchrun, 2 ranks: packed rows differ in number between ranks (the lighter rank runs empty passes
-    # to match the other's collectives); the same curve and weights as one process
+    # torchrun, 2 ranks: the conversations split by tokens, each rank's micro-batches by tokens; where one
+    # rank needs fewer it runs empty passes to match the other's collectives (pad_frac > 0 counts their
+    # stand-in tokens); the same curve and weights as one process
     two = str(tmp_path / "two")
-    run(*[two if x == pack else x for x in packed], nproc=2)
+    run(*[two if x == small else x for x in budget], nproc=2)
     d = metrics(two)
-    assert any(m["rows"] != int(m["rows"]) for m in d)  # some step had unequal rows (a mean like 2.5)
+    assert any(m["pad_frac"] > 0 for m in d), [m["n_micro"] for m in d]
     assert_metrics_close(c, d, ("loss", "grad_norm"), rel=1e-5)
     from safetensors.torch import load_file
-    wa = load_file(os.path.join(pack, "latest", "policy", "model.safetensors"))
+    wa = load_file(os.path.join(small, "latest", "policy", "model.safetensors"))
     wb = load_file(os.path.join(two, "latest", "policy", "model.safetensors"))
     assert_same_update(load_file(os.path.join(llama_dir, "model.safetensors")), wa, wb)
+
+
+def test_one_step_equals_the_padded_path(llama_dir, sft_file, tmp_path):
+    """One optimizer step of train_sft.py (packed micro-batches of at most 150 tokens) against the padded
+    path written out here: the step's 6 conversations right-padded, 3 rows a forward (sequence_logprobs),
+    the loss summed over assistant tokens / their count, AdamW. The loss and the gradient norm (Adam's
+    first step only sees each gradient's sign, the norm sees its size) and the update agree."""
+    import numpy as np
+    from safetensors.torch import load_file
+    out = str(tmp_path / "one")
+    run(*tiny_args(llama_dir, sft_file, out, "--steps", 4, "--stop-after", 1, "--micro-batch-tokens", 150))
+    got = metrics(out)[0]
+    tok = chat.load_tokenizer(llama_dir)
+    examples = [(ids[:128], mask[:128]) for ids, mask in (data.encode_sft(tok, r["messages"])
+                                                           for r in data.load_sft(sft_file))]
+    examples = [e for e in examples if any(e[1])]
+    step = [examples[j] for j in np.random.RandomState(0).permutation(len(examples))[:6]]
+    model = M.from_pretrained(llama_dir).train()
+    b = data.sft_batch(step, chat.pad_id(tok))
+    count, loss = b["loss_mask"].sum(), 0.0
+    for s in (slice(0, 3), slice(3, 6)):
+        logp, _ = sequence_logprobs(model, b["input_ids"][s], b["attention_mask"][s], b["position_ids"][s])
+        part = losses.aggregate(-logp, b["loss_mask"][s], "token-mean", count=count)
+        part.backward()
+        loss += part.item()
+    opt = torch.optim.AdamW(model.parameters(), lr=optim.cosine_lr(0, 4, 3e-3, 0.1), betas=(0.9, 0.95),
+                            weight_decay=1e-4)
+    norm, _ = optim.step(model, opt, 1.0)
+    assert got["loss"] == pytest.approx(loss, rel=1e-5) and got["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+    assert got["n_micro"] > 2  # the packed run cut the step otherwise than the reference
+    init = load_file(os.path.join(llama_dir, "model.safetensors"))
+    assert_same_update(init, load_file(os.path.join(out, "latest", "policy", "model.safetensors")),
+                       {k: v.detach() for k, v in model.state_dict().items()})
 
 
 def test_bad_input_gets_clear_messages(llama_dir, sft_file, tiny_dir, llama_base_tokenizer, tmp_path):
