@@ -1,21 +1,28 @@
-"""Evaluate a model as the paper does: generate with the thinking template, judge it against a baseline,
-and export its answers for the official harnesses (AlpacaEval 2, Arena-Hard v2, WildBench).
+"""Evaluate a model as the paper does: generate with its template, judge it against a baseline, and
+export its answers for the official harnesses (AlpacaEval 2, Arena-Hard v2, WildBench).
 
   python eval.py --model M --prompts FILE.jsonl --out DIR [--baseline B | --reference outputs.jsonl]
-                 [--judge rm:PATH_OR_ALIAS | --judge http://HOST:PORT/v1 --judge-model NAME]
+                 [--judge rm:PATH_OR_ALIAS | --judge http://HOST:PORT/v1 --judge-model NAME
+                  [--judge-protocol both-orders | alpaca-eval]]
                  [--export alpaca_eval,arena_hard,wildbench]
 
-Generation uses the paper's settings (T 0.7, top-p 0.95, up to 8192 new tokens) and takes the answer
-after the *last* `</think>`. DIR/model.jsonl and DIR/baseline.jsonl hold one row a prompt; a rerun reuses
-every row made from the same prompt, model and settings, and generates only the rest.
+Generation uses the paper's settings: T 0.7, top-p 0.95, the plain chat template (a warm-started model
+opens <think> itself: --template chat-think), up to 8,192 new tokens for a thinking template and 4,096
+for a no-think one, and for Zero models a stop at `</response>` (as the authors' evaluation). The
+answer is read by rlmt.chat.split_answer: after the *last* `</think>`, or Zero's `<response>` rule.
+DIR/model.jsonl and DIR/baseline.jsonl hold one row a prompt; a rerun reuses every row made from the
+same prompt, model and settings, and generates only the rest.
 
 Judges (the statistics live in rlmt.judge):
   rm:PATH       a reward model: P(win) = σ(r_model − r_ref) per prompt. Cheap; for research, not for
                 numbers to compare with the paper's GPT-4o / GPT-4.1 judges.
   http://…/v1   an OpenAI-compatible chat-completions judge (OpenAI, vLLM, or `sample.py --serve`; the API
-                key is read from OPENAI_API_KEY), asked once with each answer shown first. Replies are
-                cached in DIR/judge_cache.jsonl: a rerun sends only the requests it has no reply for.
-                Unparsable verdicts and failed requests are counted and listed, never dropped silently.
+                key is read from OPENAI_API_KEY). --judge-protocol both-orders (default): asked once with
+                each answer shown first, wins / ties averaged. alpaca-eval: the paper's AlpacaEval 2 judge,
+                AlpacaEval's ranking prompt, one game a prompt in an order drawn from --seed, a binary
+                win, inputs cut to 2,000 words. Replies are cached in DIR/judge_cache.jsonl: a rerun sends
+                only the requests it has no reply for. Unparsable verdicts and failed requests are counted
+                and listed, never dropped silently.
 Both report the win rate and the paper's length-controlled win rate, each with a 95% bootstrap interval.
 
 Written to DIR: results.json (every figure), report.md, judgments.jsonl (one line a prompt),
@@ -42,6 +49,13 @@ from rlmt.model import from_pretrained, resolve_path
 from sample import response_text, write_jsonl
 
 EXPORTS = ("alpaca_eval", "arena_hard", "wildbench")
+PROTOCOLS = ("both-orders", "alpaca-eval")
+# the paper's new-token budgets: a thought and its answer, or an answer alone
+MAX_NEW_TOKENS = {"thinking": 8192, "no-think": 4096}
+ANSWER_RULE = {"chat": "the whole text (after the last `</think>` when there is one)",
+               "chat-think": "the text after the last `</think>`", "think": "the text after the last `</think>`",
+               "zero": "the text after the first `<response>`, up to `</response>`",
+               "zero-nothink": "the text after the first `<response>`, up to `</response>`"}
 
 
 def fail(message):
@@ -65,12 +79,21 @@ def parse_args(argv=None):
                                        "model.jsonl, sample.py's output, or AlpacaEval / WildBench JSON)")
     p.add_argument("--name", help="the model's name in exports and the report; unset: its folder name")
     p.add_argument("--baseline-name", help="the baseline's name; unset: its folder name")
-    p.add_argument("--template", choices=chat.TEMPLATES, default="think",
-                   help="prompt template of the model (think: its chat template, turn opened with <think>)")
+    p.add_argument("--template", choices=chat.TEMPLATES, default="chat-think",
+                   help="prompt template of the model. chat-think (the paper's evaluation of warm-started "
+                        "models): its chat template, the model opens <think> itself; think: the turn pre-filled "
+                        "with <think>; chat: a no-think model; zero / zero-nothink: the Zero instruction")
     p.add_argument("--baseline-template", choices=chat.TEMPLATES, help="the baseline's; unset: --template")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--max-new-tokens", type=int, default=8192, help="thought + answer length limit")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="thought + answer length limit, for the model and the baseline; unset: the paper's, "
+                        f"{MAX_NEW_TOKENS['thinking']} for a thinking template ({', '.join(chat.THINKING)}) and "
+                        f"{MAX_NEW_TOKENS['no-think']} for a no-think one")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="also stop generating when the response contains TEXT (repeatable; for the model and "
+                        "the baseline); unset: </response> for the zero templates, as the authors' Zero "
+                        "evaluation, nothing for the others; --stop '' stops at end-of-turn only")
     p.add_argument("--max-prompt-len", type=int, default=None, help="left-truncate prompts to this many tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
     p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
@@ -79,6 +102,10 @@ def parse_args(argv=None):
     p.add_argument("--judge", help="rm:PATH_OR_ALIAS (a reward model) or http(s)://HOST:PORT/v1 "
                                    "(an OpenAI-compatible endpoint; needs --judge-model)")
     p.add_argument("--judge-model", help="the model name sent to an HTTP judge (e.g. gpt-4o-2024-08-06)")
+    p.add_argument("--judge-protocol", choices=PROTOCOLS, default="both-orders",
+                   help="HTTP judge: both-orders = each prompt judged with either answer first, win / tie / loss "
+                        "averaged; alpaca-eval = the paper's AlpacaEval 2 judge: AlpacaEval's ranking prompt, one "
+                        "game a prompt in an order drawn from --seed, binary win, inputs cut to 2,000 words")
     p.add_argument("--judge-max-tokens", type=int, default=1024, help="HTTP judge: reply length limit")
     p.add_argument("--judge-timeout", type=float, default=120.0, help="HTTP judge: seconds per request")
     p.add_argument("--judge-retries", type=int, default=3,
@@ -93,6 +120,8 @@ def parse_args(argv=None):
     for bad, message in [
         (args.judge_kind == "bad", f"--judge must be rm:PATH_OR_ALIAS or http(s)://HOST:PORT/v1, got {args.judge!r}"),
         (args.judge_kind == "http" and not args.judge_model, "--judge http://… needs --judge-model NAME"),
+        (args.judge_protocol == "alpaca-eval" and args.judge_kind != "http",
+         "--judge-protocol alpaca-eval is an LLM judge's protocol: give --judge http(s)://HOST:PORT/v1"),
         (bool(args.baseline and args.reference), "give --baseline or --reference, not both"),
         (bool(args.judge and not (args.baseline or args.reference)),
          "--judge compares the model with a baseline: give --baseline or --reference"),
@@ -100,7 +129,8 @@ def parse_args(argv=None):
          f"unknown --export {sorted(set(args.exports) - set(EXPORTS))}; choose from {','.join(EXPORTS)}"),
         (args.temperature < 0, f"--temperature must be >= 0, got {args.temperature}"),
         (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-        (args.max_new_tokens < 1, f"--max-new-tokens must be at least 1, got {args.max_new_tokens}"),
+        (args.max_new_tokens is not None and args.max_new_tokens < 1,
+         f"--max-new-tokens must be at least 1, got {args.max_new_tokens}"),
         (args.max_prompt_len is not None and args.max_prompt_len < 2, "--max-prompt-len must be at least 2"),
         (args.batch_size < 1 or args.judge_workers < 1 or args.bootstrap < 1 or args.judge_retries < 0,
          "--batch-size, --judge-workers and --bootstrap must be positive, --judge-retries >= 0"),
@@ -138,10 +168,19 @@ def read_jsonl(path):
 
 # --- generation ----------------------------------------------------------------------------------------
 
+def generation_settings(args, template):
+    """(max_new_tokens, stop strings) of a generator with `template`: the flags when given, else the
+    paper's for the template (MAX_NEW_TOKENS; Zero stops at `</response>`)."""
+    max_new = args.max_new_tokens or MAX_NEW_TOKENS["thinking" if template in chat.THINKING else "no-think"]
+    stop = args.stop if args.stop is not None else [chat.RESPONSE_CLOSE] if template.startswith("zero") else []
+    return max_new, [x for x in stop if x]
+
+
 def settings_key(model, template, args):
     """What an answer depends on besides its prompt: rows with another key are generated again."""
-    blob = json.dumps([model, template, args.temperature, args.top_p, args.max_new_tokens, args.max_prompt_len,
-                       args.seed])
+    max_new, stop = generation_settings(args, template)
+    blob = json.dumps([model, template, args.temperature, args.top_p, max_new, args.max_prompt_len, args.seed]
+                      + ([stop] if stop else []))  # without stop strings, the keys of earlier runs still hold
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -159,13 +198,15 @@ def generate(which, model_path, template, rows, args, device, dtype):
         tokenizer = chat.load_tokenizer(model_path)
         model = from_pretrained(model_path, dtype=dtype, device=device)
         stops = chat.stop_ids(tokenizer)
+        max_new, stop_strings = generation_settings(args, template)
         ids = data.encode_prompts(tokenizer, [rows[i] for i in todo], template, args.max_prompt_len)[0]
         chunk = 4 * args.batch_size
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             # each prompt's seed follows its index in the file: a resumed run draws what one run would
-            samples = sampler.generate(model, ids[start:start + chunk], 1, max_new_tokens=args.max_new_tokens,
+            samples = sampler.generate(model, ids[start:start + chunk], 1, max_new_tokens=max_new,
                                        temperature=args.temperature, top_p=args.top_p, stop_ids=stops,
+                                       stop_strings=stop_strings, tokenizer=tokenizer,
                                        seed=[(args.seed << 32) + i for i in part], batch_size=args.batch_size,
                                        progress=True)
             for i, s in zip(part, samples):
@@ -280,21 +321,27 @@ def judge_rm(spec, model_rows, ref_rows, device, dtype):
 
 
 def judge_http(args, model_rows, ref_rows):
-    """LLM judge over HTTP: two games a prompt (the model's answer shown as A, then as B); a prompt's win
-    is the mean of its parsed games -> per-prompt records and the request accounting."""
+    """LLM judge over HTTP -> per-prompt records and the request accounting. both-orders: two games a prompt
+    (the model's answer shown as A, then as B), the win the mean of the parsed games; alpaca-eval: one
+    game a prompt in AlpacaEval's ranking prompt, the order drawn from (--seed, prompt id), a binary win."""
     api_key = os.environ.get("OPENAI_API_KEY") or None
     url = args.judge.rstrip("/") + "/chat/completions"
     cache_path = os.path.join(args.out, "judge_cache.jsonl")
     cache = {c["key"]: c["content"] for c in read_jsonl(cache_path)}
-    games = []  # (prompt index, model shown as A, request key)
+    alpaca = args.judge_protocol == "alpaca-eval"
+    games = []  # per prompt: [(model shown as A, request key)]
     todo = {}
-    for i, (m, r) in enumerate(zip(model_rows, ref_rows)):
-        for model_is_a in (True, False):
+    for m, r in zip(model_rows, ref_rows):
+        orders = (judge.model_shown_first(args.seed, m["id"]),) if alpaca else (True, False)
+        games.append([])
+        for model_is_a in orders:
             a, b = (m["answer"], r["answer"]) if model_is_a else (r["answer"], m["answer"])
-            payload = {"model": args.judge_model, "messages": judge.judge_messages(m["messages"], a, b),
-                       "temperature": 0.0, "max_tokens": args.judge_max_tokens}
+            messages = judge.alpaca_eval_messages(chat.user_turn(m["messages"]), a, b) if alpaca else \
+                judge.judge_messages(m["messages"], a, b)
+            payload = {"model": args.judge_model, "messages": messages, "temperature": 0.0,
+                       "max_tokens": args.judge_max_tokens}
             key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-            games.append((i, model_is_a, key))
+            games[-1].append((model_is_a, key))
             if key not in cache:
                 todo[key] = payload  # a dict: identical requests (equal answers) are sent once
     errors, lock = {}, threading.Lock()
@@ -310,7 +357,8 @@ def judge_http(args, model_rows, ref_rows):
                 f.write(json.dumps({"key": key, "judge": args.judge_model, "content": content},
                                    ensure_ascii=False) + "\n")
 
-    print(f"judge: {len(games)} games, {len(todo)} requests to send to {url}", file=sys.stderr)
+    n_games = sum(map(len, games))
+    print(f"judge: {n_games} games, {len(todo)} requests to send to {url}", file=sys.stderr)
     with ThreadPoolExecutor(args.judge_workers) as pool:
         futures = [pool.submit(run, k, p) for k, p in todo.items()]
         try:
@@ -319,17 +367,18 @@ def judge_http(args, model_rows, ref_rows):
         except RuntimeError as e:
             pool.shutdown(cancel_futures=True)
             fail(e)
+    parse = judge.parse_ranking if alpaca else judge.parse_verdict  # both give "A", "B" (or "tie") or None
     records = []
-    for i, m in enumerate(model_rows):  # games 2i and 2i + 1: the model shown as A, then as B
-        verdicts = ["failed" if key not in cache else judge.parse_verdict(cache[key]) or "unparsable"
-                    for _, _, key in games[2 * i:2 * i + 2]]
-        scores = [judge.game_score(v, is_a) for v, (_, is_a, _) in zip(verdicts, games[2 * i:2 * i + 2])
+    for m, mine in zip(model_rows, games):
+        verdicts = ["failed" if key not in cache else parse(cache[key]) or "unparsable" for _, key in mine]
+        scores = [judge.game_score(v, is_a) for v, (is_a, _) in zip(verdicts, mine)
                   if v not in ("failed", "unparsable")]
-        records.append({"id": m["id"], "verdicts": verdicts, "win": sum(scores) / len(scores) if scores else None})
+        records.append({"id": m["id"], "verdicts": verdicts, "model_shown_first": [is_a for is_a, _ in mine],
+                        "win": sum(scores) / len(scores) if scores else None})
     every = [v for r in records for v in r["verdicts"]]
-    return records, {"judge_model": args.judge_model, "games": len(games), "requests_sent": len(todo),
-                     "unparsable_games": every.count("unparsable"), "failed_games": every.count("failed"),
-                     "example_error": next(iter(errors.values()), None),
+    return records, {"judge_model": args.judge_model, "protocol": args.judge_protocol, "games": n_games,
+                     "requests_sent": len(todo), "unparsable_games": every.count("unparsable"),
+                     "failed_games": every.count("failed"), "example_error": next(iter(errors.values()), None),
                      "prompts_without_verdict": [r["id"] for r in records if r["win"] is None]}
 
 
@@ -345,7 +394,7 @@ def markdown_counts(text):
                            "__": len(re.findall(r"__[^_\n]+__", text))}}
 
 
-def export(fmt, name, rows, raw, tokenizer, args):
+def export(fmt, name, rows, raw, tokenizer, args, template=None):
     """Write the answers (thought stripped) in a harness's own format -> the file's path.
 
     alpaca_eval  AlpacaEval 2 (github.com/tatsu-lab/alpaca_eval): `alpaca_eval --model_outputs FILE` reads a
@@ -361,9 +410,11 @@ def export(fmt, name, rows, raw, tokenizer, args):
     wildbench    WildBench (github.com/allenai/WildBench): copy to result_dirs/wild_bench_v2/{name}.json,
                  a JSON list of {"session_id", "chat_history", "model_input", "output": [text], "generator",
                  "configs", "dataset"}; its evaluation matches by session_id and reads output[0].
-    The question ids are the prompt rows' uid / session_id when present, else their id."""
+    The question ids are the prompt rows' uid / session_id when present, else their id; `template` (unset:
+    --template) is the generator's, for the new-token budget recorded in WildBench's configs."""
     safe = re.sub(r"[^\w.-]+", "_", name)
-    gen = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_new_tokens}
+    gen = {"temperature": args.temperature, "top_p": args.top_p,
+           "max_tokens": generation_settings(args, template or args.template)[0]}
     if fmt == "alpaca_eval":
         path = os.path.join(args.out, "export", "alpaca_eval", f"{safe}.json")
         items = [{"instruction": chat.user_turn(r["messages"]), "output": r["answer"], "generator": name,
@@ -397,9 +448,11 @@ def write_report(path, res):
     st, j = res["settings"], res["judge"]
     ci = lambda c: f"[{show(c[0], True)}, {show(c[1], True)}]" if c else "n/a"  # noqa: E731
     mm = lambda d: f"{show(d['mean'])} / {show(d['median'])}" if d else "n/a"  # noqa: E731
-    lines = [f"# Evaluation: {res['model']}", "", f"{res['n_prompts']} prompts from `{st['prompts']}`; template "
-             f"`{st['template']}`, T {st['temperature']}, top-p {st['top_p']}, up to {st['max_new_tokens']} new "
-             "tokens; the answer is the text after the last `</think>`.", ""]
+    lines = [f"# Evaluation: {res['model']}", "", f"{res['n_prompts']} prompts from `{st['prompts']}`; T "
+             f"{st['temperature']}, top-p {st['top_p']}.", ""]
+    lines += [f"- {n}: template `{g['template']}`, up to {g['max_new_tokens']} new tokens"
+              + (f", stop at {', '.join(f'`{x}`' for x in g['stop'])}" if g["stop"] else "")
+              + f"; the answer is {ANSWER_RULE[g['template']]}." for n, g in res["generation"].items()] + [""]
     if j:
         lines += ["## Pairwise judgement", "",
                   "| judge | against | prompts judged | win rate | 95% CI | LC win rate | 95% CI |",
@@ -410,7 +463,10 @@ def write_report(path, res):
                   "at a difference of zero."
                   + (" Reward model: P(win) = σ(r_model − r_ref)." if j["kind"] == "rm" else ""), ""]
         if j["kind"] == "http":
-            lines += [f"{j['games']} games (each prompt judged in both orders); {j['requests_sent']} requests sent "
+            how = "each prompt judged in both orders" if j["protocol"] == "both-orders" else \
+                "AlpacaEval's ranking prompt, one order a prompt drawn from the seed, binary wins, inputs cut to " \
+                f"{judge.ALPACA_EVAL_MAX_WORDS} words"
+            lines += [f"{j['games']} games ({how}); {j['requests_sent']} requests sent "
                       f"this run; **unparsable verdicts: {j['unparsable_games']}**; failed requests: "
                       f"{j['failed_games']}" + (f" (e.g. {j['example_error']})" if j["example_error"] else "")
                       + f"; prompts without any verdict, left out of the win rate: "
@@ -462,14 +518,14 @@ def main(argv=None):
     name = args.name or folder_name(args.model)
 
     # --- generate
-    model_rows = generate("model", args.model, args.template, rows, args, device, dtype)
     ref_name = None
     if args.baseline or args.reference:
         ref_name = args.baseline_name or (folder_name(args.baseline) if args.baseline else ref_rows[0]["generator"])
         ref_name += "-baseline" if ref_name == name else ""  # names key the report and the export files
+    templates = {name: args.template, **({ref_name: args.baseline_template or args.template} if args.baseline else {})}
+    model_rows = generate("model", args.model, templates[name], rows, args, device, dtype)
     if args.baseline:
-        ref_rows = generate("baseline", args.baseline, args.baseline_template or args.template, rows, args, device,
-                            dtype)
+        ref_rows = generate("baseline", args.baseline, templates[ref_name], rows, args, device, dtype)
     generated = {name: model_rows, **({ref_name: ref_rows} if args.baseline else {})}
 
     # --- thinking statistics
@@ -477,8 +533,11 @@ def main(argv=None):
     thinking, counts = {}, {}
     for n, rs in ([(name, model_rows)] + ([(ref_name, ref_rows)] if ref_rows else [])):
         thinking[n], counts[n] = thinking_stats(rs, tokenizer)
+    generation = {n: dict(zip(("template", "max_new_tokens", "stop"), (t, *generation_settings(args, t))))
+                  for n, t in templates.items()}
     res = {"model": name, "reference": ref_name, "n_prompts": len(rows),
            "settings": {k: v for k, v in vars(args).items() if k not in ("exports", "judge_kind")},
+           "generation": generation,
            "thinking": thinking, "judge": None, "exports": {},
            "plot": plot_lengths(counts, os.path.join(args.out, "thinking_lengths.png"))}
 
@@ -499,7 +558,7 @@ def main(argv=None):
     # --- export, report
     for fmt in args.exports:
         for n, rs in generated.items():
-            res["exports"][f"{fmt}/{n}"] = export(fmt, n, rs, raw, tokenizer, args)
+            res["exports"][f"{fmt}/{n}"] = export(fmt, n, rs, raw, tokenizer, args, templates[n])
     write_json(os.path.join(args.out, "results.json"), res)
     write_report(os.path.join(args.out, "report.md"), res)
     j = res["judge"]

@@ -53,8 +53,9 @@ def parse_args(argv=None):
                                      '{"id", "prompt"} rows')
     p.add_argument("--out", help="output JSONL, one line per sample")
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
-    p.add_argument("--template", choices=chat.TEMPLATES, default="chat",
-                   help="chat: the model's chat template; think: the same, turn opened with <think>; "
+    p.add_argument("--template", choices=chat.TEMPLATES, default="chat-think",
+                   help="chat-think (default): the model's chat template, a thinking model opens <think> itself and "
+                        "the answer follows </think>; chat: no thinking expected; think: the turn opened with <think>; "
                         "zero / zero-nothink: the paper's instruction for base models")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")

@@ -45,7 +45,9 @@ p.add_argument("--build-pairs", action="store_true", help="only build pairs from
 p.add_argument("--reward-model", help="reward model for pair building: folder, hub id or alias")
 p.add_argument("--reward-fn", help="rule reward module:function or file.py:function, alone or added to the RM")
 p.add_argument("--template", default="think", choices=chat.TEMPLATES, help="prompt template (sampling, text pairs)")
-p.add_argument("--strict", action="store_true", help="score [NULL] when the thinking format is broken")
+p.add_argument("--strict", action="store_true",
+               help="score [NULL] when the answer's delimiter is missing (</think> for chat-think / think, "
+                    "<response>...</response> for zero); no effect with chat, which has none")
 p.add_argument("--group-size", type=int, default=8, help="samples per prompt when building pairs")
 p.add_argument("--min-parseable", type=int, default=4, help="drop prompts with fewer parseable samples")
 p.add_argument("--max-pair-len", type=int, default=8192, help="drop pairs whose longer sequence exceeds this")
@@ -133,7 +135,8 @@ policy = dist.shard(policy, device, dtype)
 # --- pairs: sample, score, select (skipped for prompts already done) -------------------------------------
 
 if build:
-    rm = reward.RewardModel(args.reward_model, device=device, dtype=dtype) if args.reward_model else None
+    rm = reward.RewardModel(args.reward_model, device=device, dtype=dtype,  # it reads the whole (prompt, answer)
+                            max_len=args.max_prompt_len + args.max_new_tokens) if args.reward_model else None
     counts = pairs.build_pairs(policy, tokenizer, prompt_rows, pairs_path, template=args.template, rm=rm,
                                reward_fn=reward_fn, group_size=args.group_size, temperature=args.temperature,
                                top_p=args.top_p, max_prompt_len=args.max_prompt_len,

@@ -1,6 +1,6 @@
 """RLMT's main recipe: GRPO with a preference reward model scoring only the answer.
 
-    torchrun --nproc_per_node 8 train_grpo.py --model llama-3.1-8b-instruct --template think --strict \
+    torchrun --nproc_per_node 8 train_grpo.py --model llama-3.1-8b-instruct --strict \
         --reward-model skywork-reward-llama-3.1-8b-v0.2 --data prompts.jsonl --lr 3e-7 --out runs/grpo
     python train_grpo.py --demo          # a tiny model on the CPU, no network, ~2 minutes
 
@@ -8,17 +8,18 @@ One step (Bhaskar, Ye & Chen 2025, §2; GRPO from DeepSeekMath):
   1. P prompts (split across ranks) × G samples each from the current policy at T 0.7;
   2. the reward model scores (user turn, answer) — the thought is never shown to it;
   3. advantages (r − mean) / (std + 1e-6) within each prompt's group;
-  4. one optimizer step over micro-batches: clipped surrogate + k3 KL to the initial policy
-     − entropy bonus, per-sequence token mean, normalized once for the whole step. A micro-batch is at
-     most --micro-batch-tokens tokens of samples packed end to end (rlmt.batching): no padding is
-     computed, and every rank runs as many micro-batches as the busiest one.
+  4. --mini-batches optimizer steps (paper: 1), each over a share of the prompts: clipped surrogate + k3
+     KL to the initial policy − entropy bonus, per-sequence token mean, normalized once per mini-batch. A
+     micro-batch is at most --micro-batch-tokens tokens of samples packed end to end (rlmt.batching): no
+     padding is computed, and every rank runs as many micro-batches as the busiest one.
 
-What is simplified, on purpose: one optimizer step per rollout (the paper's setting), so the "old"
-log-probs are the current ones detached and the ratio is exactly 1 — clipping is kept for forks that
-take several steps per rollout. The sampler's own log-probs are compared with the trainer's each step
-(`sampler_logp_diff`) to catch a temperature or kernel mismatch. Precision: the policy's weights, gradients
-and AdamW state are fp32, its forward and backward run in --dtype (bf16 on a GPU), the sampler decodes a
-bf16 copy, and the reference and reward model are stored in bf16.
+With one step per rollout (the paper's setting) the "old" log-probs are the current ones detached and the
+ratio is exactly 1; with several, the old log-probs are the trainer's, from a no-grad forward before the
+first step, and the clips act. The sampler's log-probs are compared with the trainer's old ones each step
+(`mismatch_*` in metrics.jsonl) to catch a temperature or kernel mismatch; --tis-cap corrects the loss for
+it (truncated importance sampling, off by default). Precision: the policy's weights, gradients and AdamW
+state are fp32, its forward and backward run in --dtype (bf16 on a GPU), the sampler decodes a bf16 copy,
+and the reference and reward model are stored in bf16.
 
 Memory (rlmt.memory; `--plan` prints it for any cluster): the policy, the reference and the reward model
 are all FSDP2-sharded; each phase frees what it held before the next: the rollout copy and the KV cache
@@ -71,7 +72,8 @@ policy = dist.shard(policy, device, dtype).train()
 ref = None
 if args.kl_coef > 0:  # the frozen initial policy, sharded like the reward model (FSDP2 when world > 1)
     ref = dist.shard(M.from_pretrained(args.model, dtype=dtype), device, dtype, train=False).eval()
-rm = reward.RewardModel(args.reward_model, device=device, dtype=dtype) if args.reward_model else None
+rm = reward.RewardModel(args.reward_model, device=device, dtype=dtype,  # it reads the whole (prompt, answer)
+                        max_len=args.max_prompt_len + args.max_new_tokens) if args.reward_model else None
 sampling = dict(rm=rm, reward_fn=reward_fn, seed=args.seed, **cli.rollout_kwargs(args))  # every rollout's
 
 # --- optimizer ------------------------------------------------------------------------------------------
@@ -102,44 +104,61 @@ for step in bar:
     b = {k: v.to(device) for k, v in ro["batch"].items() if torch.is_tensor(v)}
     adv = losses.group_advantages(ro["rewards"], args.group_size, scale_by_std=not args.no_std_scale).to(device)
 
-    # train: one optimizer step over micro-batches of at most --micro-batch-tokens tokens, each a packed row,
-    # normalized by the step's global count
+    # train: --mini-batches optimizer steps, each over a share of the prompts (a group stays together) in
+    # micro-batches of at most --micro-batch-tokens tokens, each a packed row; each step's loss is normalized
+    # by its mini-batch's global count
     t0 = time.perf_counter()
-    mask, b["advantages"] = b["response_mask"], adv
-    count = dist.all_reduce_sum(losses.aggregate_count(mask, args.loss_agg).to(device))
+    mask, b["advantages"], G = b["response_mask"], adv, args.group_size
     lengths = b["attention_mask"].sum(1).tolist()
-    plan = batching.micro_batches(lengths, args.micro_batch_tokens, args.micro_batch_size, device)
-    micro = [{k: v[group] for k, v in b.items()} for group in plan]  # []: a pass that joins the busier ranks'
-    if ref is not None:  # the reference's log-probs first, then its full weights are freed for the training
-        with torch.no_grad():
-            ref_logps = [packed_logprobs(ref, mb, mb["response_mask"], args.temperature)[0] for mb in micro]
-        dist.reshard(ref)
-    stats = []
-    for i, mb in enumerate(micro):
-        m = mb["response_mask"]
-        logp, ent = packed_logprobs(policy, mb, m, args.temperature, with_entropy=args.entropy_coef > 0)
-        pg, pm = losses.policy_loss(logp, logp.detach(), mb["advantages"], m,
-                                    args.clip_low, args.clip_high, args.dual_clip)
-        per_token = pg
-        if ref is not None:
-            kl = losses.kl(logp, ref_logps[i], args.kl_kind, mask=m)
-            per_token = per_token + args.kl_coef * kl
-            pm["kl"] = losses.masked_mean(kl.detach(), m)
-        if ent is not None:
-            per_token = per_token - args.entropy_coef * ent
-            pm["entropy"] = losses.masked_mean(ent.detach(), m)
-        # normalized by the whole step's count; × world undoes FSDP's average over ranks (a sum is due)
-        (losses.aggregate(per_token, m, args.loss_agg, count=count) * world).backward()
-        pm["sampler_logp_diff"] = losses.masked_mean((logp.detach() - mb["old_logprobs"]).abs(), m)
-        stats.append((pm, m.sum()))
-    grad_norm, stepped = optim.step(policy, opt, args.grad_clip)  # skipped when the norm is NaN/inf
-    skipped.update(stepped, step + 1, grad_norm)
+    # strided groups: mini-batch k holds the same prompts whatever the number of ranks (a rank's prompts are
+    # a contiguous slice of the step's, and their number is a multiple of --mini-batches)
+    minis = [[g * G + j for g in range(k, len(lengths) // G, args.mini_batches) for j in range(G)]
+             for k in range(args.mini_batches)]
+    plans = [batching.micro_batches(lengths, args.micro_batch_tokens, args.micro_batch_size, device, among=idx)
+             for idx in minis]
+    micro = [[{k: v[group] for k, v in b.items()} for group in plan] for plan in plans]  # []: joins the others
+    with torch.no_grad():  # before any update: the reference's log-probs, and with several steps the old ones
+        for mbs in micro:
+            for mb in mbs:
+                if ref is not None:
+                    mb["ref_logp"] = packed_logprobs(ref, mb, mb["response_mask"], args.temperature)[0]
+                if args.mini_batches > 1:  # one step: the current log-probs detached are the old ones
+                    mb["old_logp"] = packed_logprobs(policy, mb, mb["response_mask"], args.temperature)[0]
+    for m_ in (ref, policy):  # a no-grad forward leaves each root's full weights gathered: free them
+        if m_ is not None:
+            dist.reshard(m_)
+    stats, grad_norms = [], []
+    for idx, mbs in zip(minis, micro):
+        count = dist.all_reduce_sum(losses.aggregate_count(mask[idx], args.loss_agg).to(device))
+        for mb in mbs:
+            m = mb["response_mask"]
+            logp, ent = packed_logprobs(policy, mb, m, args.temperature, with_entropy=args.entropy_coef > 0)
+            old = mb.get("old_logp", logp.detach())  # one step per rollout: the ratio is exactly 1
+            pg, pm = losses.policy_loss(logp, old, mb["advantages"], m, args.clip_low, args.clip_high,
+                                        args.dual_clip, sampler_logprobs=mb["old_logprobs"], tis_cap=args.tis_cap,
+                                        tis_mode=args.tis_mode)
+            per_token = pg
+            if ref is not None:
+                kl = losses.kl(logp, mb["ref_logp"], args.kl_kind, mask=m)
+                per_token = per_token + args.kl_coef * kl
+                pm["kl"] = losses.masked_mean(kl.detach(), m)
+            if ent is not None:
+                per_token = per_token - args.entropy_coef * ent
+                pm["entropy"] = losses.masked_mean(ent.detach(), m)
+            # normalized by the mini-batch's count; × world undoes FSDP's average over ranks (a sum is due)
+            (losses.aggregate(per_token, m, args.loss_agg, count=count) * world).backward()
+            pm.update(losses.mismatch_stats(old, mb["old_logprobs"], m, args.tis_cap or 2.0, args.tis_mode))
+            stats.append((pm, m.sum()))
+        grad_norm, stepped = optim.step(policy, opt, args.grad_clip)  # skipped when the norm is NaN/inf
+        skipped.update(stepped, step + 1, grad_norm)
+        grad_norms.append(grad_norm)
     t_train = time.perf_counter() - t0
 
     # log: one reduction over ranks, floats only here
     metrics = log.micro_batch_mean(stats)
-    metrics.update(rollout.metrics(ro, world), **batching.metrics(lengths, plan, t_train, world),
-                   grad_norm=grad_norm, t_train=torch.tensor(t_train),
+    metrics.update(rollout.metrics(ro, world), **batching.metrics(lengths, [g for plan in plans for g in plan],
+                                                                   t_train, world),
+                   grad_norm=torch.stack(grad_norms).mean(), t_train=torch.tensor(t_train),
                    zero_std_frac=losses.zero_std_fraction(ro["rewards"], args.group_size),
                    skipped_steps=torch.tensor(float(skipped.total)))
     if args.eval_every and eval_rows and (step + 1) % args.eval_every == 0:

@@ -1,6 +1,6 @@
 """PPO with a learned critic and GAE: RLMT's second online algorithm, the same reward model and prompts.
 
-    torchrun --nproc_per_node 8 train_ppo.py --model llama-3.1-8b-instruct --template think --strict \
+    torchrun --nproc_per_node 8 train_ppo.py --model llama-3.1-8b-instruct --strict \
         --reward-model skywork-reward-llama-3.1-8b-v0.2 --data prompts.jsonl --lr 3e-7 --out runs/ppo
     python train_ppo.py --demo           # a tiny model on the CPU, no network, ~2 minutes
 
@@ -51,22 +51,21 @@ p.add_argument("--lam", type=float, default=1.0, help="GAE λ (paper: 1)")
 p.add_argument("--kl-in-reward", type=float, default=0.0,
                help="per-token k1 KL-to-reference penalty in the reward, this coefficient (classic RLHF; 0: off)")
 p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout (paper: 1)")
-p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per pass, each on 1/N of the rollout")
 args = p.parse_args()
 
 if args.demo:
     from rlmt import demo
     demo.apply_ppo_defaults(args, p)
 checkpointing = cli.memory_check(args, p, "ppo")  # --plan prints and exits; a GPU run that cannot fit stops here
-if args.ppo_epochs < 1 or args.mini_batches < 1:
-    p.error("--ppo-epochs and --mini-batches must be at least 1")
+if args.ppo_epochs < 1:
+    p.error("--ppo-epochs must be at least 1")
 if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1):
     p.error(f"--gamma {args.gamma} and --lam {args.lam} must lie in [0, 1]")
 if args.value_clip < 0 or args.kl_in_reward < 0 or args.kl_coef < 0:
     p.error("--value-clip, --kl-in-reward and --kl-coef must be >= 0")
 if args.critic_init == "reward" and not args.reward_model:
     p.error("--critic-init reward needs --reward-model (the critic starts from its weights)")
-rows, eval_rows, reward_fn, total_steps = cli.check(args, p, mini_batches=args.mini_batches)
+rows, eval_rows, reward_fn, total_steps = cli.check(args, p)
 
 # --- init -----------------------------------------------------------------------------------------------
 
@@ -95,7 +94,8 @@ critic = dist.shard(critic, device, dtype).train()
 ref = None
 if args.kl_coef > 0 or args.kl_in_reward > 0:  # the frozen initial policy, only when a KL is asked for
     ref = dist.shard(M.from_pretrained(args.model, dtype=dtype), device, dtype, train=False).eval()
-rm = reward.RewardModel(args.reward_model, device=device, dtype=dtype) if args.reward_model else None
+rm = reward.RewardModel(args.reward_model, device=device, dtype=dtype,  # it reads the whole (prompt, answer)
+                        max_len=args.max_prompt_len + args.max_new_tokens) if args.reward_model else None
 sampling = dict(rm=rm, reward_fn=reward_fn, seed=args.seed, **cli.rollout_kwargs(args))  # every rollout's
 
 # --- optimizer ------------------------------------------------------------------------------------------
@@ -171,7 +171,8 @@ for step in bar:
                 m = mb["response_mask"]
                 logp, ent = packed_logprobs(policy, mb, m, args.temperature, with_entropy=args.entropy_coef > 0)
                 pg, pm = losses.policy_loss(logp, mb["old_logp"], mb["advantages"], m, args.clip_low,
-                                            args.clip_high, args.dual_clip)
+                                            args.clip_high, args.dual_clip, sampler_logprobs=mb["old_logprobs"],
+                                            tis_cap=args.tis_cap, tis_mode=args.tis_mode)
                 per_token = pg
                 if args.kl_coef > 0:  # GRPO's KL loss term, if asked for
                     per_token = per_token + args.kl_coef * losses.kl(logp, mb["ref_logp"], args.kl_kind, mask=m)
@@ -206,7 +207,7 @@ for step in bar:
                    explained_variance=losses.explained_variance(b["old_values"], b["returns"], mask,
                                                                 all_reduce=dist.all_reduce_sum),
                    adv_mean=losses.masked_mean(adv, mask),  # before whitening: > 0 when the critic underrates
-                   sampler_logp_diff=losses.masked_mean((b["old_logp"] - b["old_logprobs"]).abs(), mask),
+                   **losses.mismatch_stats(b["old_logp"], b["old_logprobs"], mask, args.tis_cap or 2.0, args.tis_mode),
                    t_train=torch.tensor(t_train), skipped_steps=torch.tensor(float(skipped.total)))
     if ref is not None:
         metrics["kl"] = losses.masked_mean(losses.kl(b["old_logp"], b["ref_logp"], args.kl_kind, mask=mask), mask)

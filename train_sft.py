@@ -45,7 +45,9 @@ p.add_argument("--lr", type=float, default=4e-6, help="peak AdamW learning rate"
 p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps with linear warmup (then cosine)")
 p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
 p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
-p.add_argument("--max-len", type=int, default=4096, help="tokens per conversation (cut at the end)")
+p.add_argument("--max-len", type=int, default=20000,
+               help="tokens per conversation, cut at the end (the authors' SFT script: 20,000, so that long traces "
+                    "keep their answer and end-of-turn token)")
 cli.add_precision_args(p)  # --dtype, --save-dtype, --max-skipped-steps: as in GRPO and PPO
 cli.add_memory_args(p, "conversations")  # --micro-batch-tokens / -size, --activation-checkpointing, --plan
 p.add_argument("--seed", type=int, default=0, help="seed for the data order")

@@ -1,11 +1,13 @@
 r"""Prompt templates and the thought / answer split.
 
-Four ways to turn a conversation (a list of {"role", "content"} messages) into a prompt:
+Five ways to turn a conversation (a list of {"role", "content"} messages) into a prompt:
 
-  chat          the model's own chat template, assistant turn opened (plain RLHF, or a warm-started
-                model that writes <think> itself)
-  think         the same, with the assistant turn opened by "<think>\n" (the warm-start SFT target is
-                "<think>\n{thought}\n</think>\n\n{answer}")
+  chat          the model's own chat template, assistant turn opened: no thinking expected (plain RLHF,
+                the paper's no-think baselines)
+  chat-think    the same prompt, for a warm-started model that opens <think> itself: the paper's GRPO and
+                PPO rollouts and its evaluation of warm-started models
+  think         the same, with the assistant turn pre-filled with "<think>\n": the paper's DPO pair
+                sampling (the warm-start SFT target is "<think>\n{thought}\n</think>\n\n{answer}")
   zero          the paper's instruction for a base model (R1-Zero style); needs no chat template
   zero-nothink  the same without the thinking part (the paper's no-think Zero baseline)
 
@@ -15,7 +17,8 @@ never the thought and never the Zero instruction.
 
 import os
 
-TEMPLATES = ("chat", "think", "zero", "zero-nothink")
+TEMPLATES = ("chat", "chat-think", "think", "zero", "zero-nothink")
+THINKING = ("chat-think", "think", "zero")  # the model writes a thought before its answer
 
 # The paper's Zero instruction (appendix C of arXiv 2509.20357), verbatim.
 ZERO_INSTRUCTION = (
@@ -24,15 +27,12 @@ ZERO_INSTRUCTION = (
     "</think> tags and the response is enclosed within <response> </response> tags, i.e., in the format "
     "<think> reasoning process here </think> <response> response here </response>."
 )
-# The no-think baseline. DESIGN.md only quotes a fragment ("...The user asks a question, and the assistant
-# provides a response. The response is enclosed within <response> </response> tags..."); this is that
-# fragment completed with the think instruction's opening sentence and its "i.e., ... here" ending. The
-# paper's appendix says "provides the user with a response", the authors' released template "provides a
-# response" (as DESIGN does) and "<response> response </response>"; reconstructed, not verbatim.
+# The no-think Zero baseline: the authors' released template, verbatim (DESIGN.md). The paper's appendix
+# words it differently ("provides the user with a response"); the released code is what the runs used.
 ZERO_NOTHINK_INSTRUCTION = (
     "A conversation between User and Assistant. The user asks a question, and the assistant provides a "
     "response. The response is enclosed within <response> </response> tags, i.e., <response> response "
-    "here </response>."
+    "</response>."
 )
 ZERO_QUERY = "User: <query>{prompt}</query>\nAssistant:"  # after the instruction and a blank line
 
@@ -42,7 +42,7 @@ END_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>", "<
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<response>", "</response>"
-NULL_ANSWER = "[NULL]"  # what strict mode scores when the format is broken (the paper's choice)
+NULL_ANSWER = "[NULL]"  # what strict mode scores when the delimiter is missing (the authors' choice)
 
 
 def load_tokenizer(path_or_alias, trust_remote_code=False):
@@ -87,16 +87,16 @@ def user_turn(messages):
 def render(tokenizer, messages, template):
     """Prompt text for `messages` under `template` (one of TEMPLATES), ending where the model writes.
 
-    chat / think use the tokenizer's chat template (which holds the BOS, if any); zero / zero-nothink
-    use only the last user turn, stripped like the paper's released template does (system and earlier
-    turns are dropped: Zero prompts are single-turn) and need no chat template and hold no BOS.
+    chat / chat-think / think use the tokenizer's chat template (which holds the BOS, if any); zero /
+    zero-nothink use only the last user turn, stripped like the paper's released template does (system
+    and earlier turns are dropped: Zero prompts are single-turn) and need no chat template and hold no BOS.
     """
-    if template in ("chat", "think"):
+    if template in ("chat", "chat-think", "think"):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"--template {template} needs a chat template, and this tokenizer has none "
                              "(a base model?); use --template zero (or zero-nothink)")
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text + THINK_OPEN + "\n" if template == "think" else text
+        return text + THINK_OPEN + "\n" if template == "think" else text  # chat-think: the model opens it
     if template in ("zero", "zero-nothink"):
         instruction = ZERO_INSTRUCTION if template == "zero" else ZERO_NOTHINK_INSTRUCTION
         return instruction + "\n\n" + ZERO_QUERY.format(prompt=user_turn(messages).strip())
@@ -120,53 +120,81 @@ def _find(text, tag, last, start=0):
     return text.rfind(tag, start) if last else text.find(tag, start)
 
 
-def split_answer(text, template, strict=False, last=False):
-    """Split a sampled response into (thought: str, answer: str, ok: bool).
-
-    think / chat: the answer follows the first `</think>` (the last one when last=True, as evaluation
-      does); the thought is what precedes it, without a leading "<think>".
-    zero: thought between `<think>` and `</think>`, answer between the first `<response>` after that
-      `</think>` and the next `</response>`.
-    zero-nothink: answer between `<response>` (the last one when last=True) and the next `</response>`.
-
-    ok (the per-sample format flag) is True only when the expected delimiters are present in order and
-    the answer is non-empty. When it is False, strict mode scores the literal "[NULL]"; non-strict mode
-    scores the whole text (stripped) when a delimiter is missing, the empty answer when it is empty.
-
-    `chat` is the one template where thinking is optional: a text with neither `<think>` nor `</think>`
-    is a plain answer (ok=True, the whole text) unless strict=True, which demands the thinking format.
-    A `<think>` that is never closed is a broken format under every template.
-    """
+def _split(text, template, strict, last):
+    """(thought, answer, format_ok, parseable): the one implementation behind split_answer and parseable."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
-    thought, answer = None, None  # stay None when a delimiter is missing
-    if template in ("think", "chat"):
+    thought = ""
+    if template.startswith("zero"):
+        # The authors' rule: after the first <response>, cut at the first </response> that follows when
+        # there is one (a response cut off at the length limit keeps what it wrote); <think> is never read.
+        a = text.find(RESPONSE_OPEN)
+        b = text.find(RESPONSE_CLOSE, a + len(RESPONSE_OPEN)) if a >= 0 else -1
+        parsed = a >= 0 and (b >= 0 or not strict)  # strict Zero also demands the </response>
+        answer = text[a + len(RESPONSE_OPEN):b if b >= 0 else len(text)].strip() if parsed else None
+        form = a >= 0 and b >= 0
+        if template == "zero":
+            o = text.find(THINK_OPEN)
+            c = text.find(THINK_CLOSE, o + len(THINK_OPEN)) if o >= 0 else -1
+            # well formed: <think> first, closed before the first <response> (none mentioned in the plan)
+            form = form and text.lstrip().startswith(THINK_OPEN) and 0 <= c < a
+            if parsed and 0 <= c < a:  # the thought, when it is apart from the answer
+                thought = text[o + len(THINK_OPEN):c].strip()
+    else:
         i = _find(text, THINK_CLOSE, last)
         if i >= 0:
             thought = text[:i].strip().removeprefix(THINK_OPEN).strip()
             answer = text[i + len(THINK_CLOSE):].strip()
-        elif template == "chat" and not strict and THINK_OPEN not in text:
-            thought, answer = "", text.strip()  # a plain, non-thinking chat answer
-    else:
-        start = 0
-        if template == "zero":
-            close = _find(text, THINK_CLOSE, last)
-            open_ = text.find(THINK_OPEN)
-            if 0 <= open_ < close:
-                thought, start = text[open_ + len(THINK_OPEN):close].strip(), close + len(THINK_CLOSE)
-            else:
-                start = -1
         else:
-            thought = ""
-        if start >= 0:
-            a = _find(text, RESPONSE_OPEN, last and template == "zero-nothink", start)
-            b = text.find(RESPONSE_CLOSE, a + len(RESPONSE_OPEN)) if a >= 0 else -1
-            answer = text[a + len(RESPONSE_OPEN):b].strip() if b >= 0 else None
-    ok = answer is not None and thought is not None and answer != ""
-    if ok:
-        return thought, answer, True
-    if strict:
-        return thought or "", NULL_ANSWER, False
-    if answer is None or thought is None:
-        return "", text.strip(), False
-    return thought, answer, False
+            answer = text.strip()  # only kept by chat (no delimiter) and by non-strict modes
+        parsed = i >= 0 or template == "chat"
+        form = {"chat": not (THINK_OPEN in text and i < 0),  # a thought opened and never closed
+                "chat-think": i >= 0 and text.lstrip().startswith(THINK_OPEN),
+                "think": i >= 0}[template]  # the prompt opened <think>
+    if not parsed:
+        thought, answer = "", NULL_ANSWER if strict else text.strip()
+    return thought, answer, bool(form and parsed and answer != ""), parsed
+
+
+def split_answer(text, template, strict=False, last=False):
+    """Split a sampled response into (thought: str, answer: str, format_ok: bool).
+
+    The answer is what the reward model scores, by the authors' rule (their reward worker):
+      chat          no delimiter: the whole text, as the authors' no-think runs score it, except that a
+                    `</think>` the model wrote anyway splits off a thought (the first one; the last when
+                    last=True). strict changes nothing (the authors' no-think Instruct config sets strict
+                    with no delimiter, where it does nothing), so the answer is never "[NULL]".
+      chat-think,   the text after the first `</think>` (the last one when last=True, as evaluation does).
+      think         Missing: the whole text, or "[NULL]" when strict (strict is for Instruct warm-starts).
+      zero,         the text after the first `<response>`, cut at the first `</response>` after it when
+      zero-nothink  there is one, else all of it (a response cut off at the length limit); `<think>` is
+                    never looked at, so a `<response>` mentioned in the plan starts the answer there.
+                    `<response>` missing: the whole text, or "[NULL]" when strict; strict also scores
+                    "[NULL]" when `</response>` is missing (DESIGN.md). `last` is not used: Zero
+                    evaluation stops generation at `</response>` and reads the answer by the same rule.
+    An empty answer after its delimiter is scored as "" (not "[NULL]") in both modes.
+
+    thought: the text before `</think>` without a leading `<think>` (zero: between `<think>` and
+    `</think>`, only when they close before the answer's `<response>`); "" when there is none or the
+    answer fell back to the whole text. For reading and logging only.
+
+    format_ok, the stricter per-sample flag for logging; it never changes the answer:
+      chat          the answer is non-empty and no `<think>` was left unclosed;
+      chat-think    the text starts with `<think>`, has a `</think>` and a non-empty answer after it;
+      think         a `</think>` (the prompt opened the thought) and a non-empty answer after it;
+      zero          the text starts with `<think>`, the first `</think>` comes before the first `<response>`,
+                    a `</response>` follows it and the answer between them is non-empty;
+      zero-nothink  `<response>`, then `</response>`, with a non-empty answer between them.
+    So a "[NULL]" answer always has format_ok False, and an empty answer too. Whether the delimiter was
+    found (what DPO counts as parseable) is `parseable`, which can be True where format_ok is False.
+    """
+    thought, answer, ok, _ = _split(text, template, strict, last)
+    return thought, answer, ok
+
+
+def parseable(text, template, strict=False):
+    """True when the answer came from the template's delimiter (the authors' worker found it), False when it
+    is the whole-text or "[NULL]" fallback: `</think>` for chat-think / think, `<response>` (and, when
+    strict, a `</response>` after it) for the Zero templates; always True for chat, which has none.
+    The authors' DPO keeps a prompt when at least 4 of its samples parse."""
+    return _split(text, template, strict, False)[3]

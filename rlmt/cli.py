@@ -31,8 +31,13 @@ def add_common_args(p):
     p.add_argument("--eval-data", help="held-out prompts for greedy validation (default: none)")
     p.add_argument("--eval-prompts", type=int, default=250, help="validate on at most this many eval prompts")
     p.add_argument("--out", default="runs/grpo", help="output folder: metrics, samples, checkpoints, plot")
-    p.add_argument("--template", default="think", choices=chat.TEMPLATES, help="prompt template")
-    p.add_argument("--strict", action="store_true", help="score [NULL] when the thinking format is broken")
+    p.add_argument("--template", default="chat-think", choices=chat.TEMPLATES,
+                   help="prompt template. chat-think (default, the paper's GRPO/PPO rollouts and eval): the chat "
+                        "template, the warm-started model opens <think> itself; think: the turn pre-filled with "
+                        "<think> (the paper's DPO sampling); chat: no-think runs; zero / zero-nothink: base models")
+    p.add_argument("--strict", action="store_true",
+                   help="score [NULL] when the answer's delimiter is missing (</think> for chat-think / think, "
+                        "<response>...</response> for zero); no effect with chat, which has none")
     p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the prompts when --steps is unset")
     p.add_argument("--prompts-per-step", type=int, default=64, help="prompts per step, all ranks together")
@@ -52,17 +57,28 @@ def add_common_args(p):
     p.add_argument("--clip-low", type=float, default=0.2, help="PPO clip epsilon below 1")
     p.add_argument("--clip-high", type=float, default=0.2, help="PPO clip epsilon above 1")
     p.add_argument("--dual-clip", type=float, default=3.0, help="dual-clip constant c (> 1)")
+    p.add_argument("--mini-batches", type=_positive_int, default=1,
+                   help="optimizer steps per pass over a rollout, each on 1/N of its prompts (their old log-probs: the "
+                        "trainer's before the first step; three of the authors' GRPO configs take 2 of 128 prompts)")
+    p.add_argument("--tis-cap", type=float,
+                   help="truncated importance sampling of the sampler/trainer mismatch: weight each token's surrogate "
+                        "by min(pi_old / pi_sampler, C) (--tis-mode seq-mask: the sequence's ratio, 0 above C); "
+                        "unset: off, as in the paper")
+    p.add_argument("--tis-mode", default="token-truncate", choices=losses.TIS_MODES,
+                   help="token-truncate: each token's min(ratio, C); seq-mask: the sequence's ratio, 0 above C")
     p.add_argument("--loss-agg", default="seq-mean-token-mean", choices=losses.AGG_MODES, help="loss aggregation")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling and log-prob temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0 keeps the RL gradient exact)")
-    p.add_argument("--max-prompt-len", type=int, default=1024, help="prompt tokens kept (left-truncated; Zero: 896)")
+    p.add_argument("--max-prompt-len", type=int,
+                   help="prompt tokens kept (left-truncated; default: 896 for the zero templates and for PPO, as the "
+                        "authors' configs, else 1,024)")
     p.add_argument("--max-new-tokens", type=int, default=4096, help="response token budget")
     add_precision_args(p)
     add_memory_args(p)
-    p.add_argument("--eval-every", type=int, default=25, help="validate every N steps (0: never)")
+    p.add_argument("--eval-every", type=int, default=45, help="validate every N steps (0: never; the paper: 45)")
     p.add_argument("--samples-per-step", type=int, default=4, help="rows written to samples.jsonl each step")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
-    add_checkpoint_args(p, save_every=50)
+    add_checkpoint_args(p, save_every=45)  # the paper's schedule: every 45 steps, each export kept (135 of 234)
     p.add_argument("--demo", action="store_true", help="tiny offline CPU demo (builds its own model and data)")
 
 
@@ -169,7 +185,7 @@ def memory_plan(args, kind, world, card, checkpointing):
         length = args.max_prompt_len + args.max_new_tokens
         kw.update(sampling=dict(samples=prompts * args.group_size, slots=args.sample_batch_size, prompts=prompts,
                                 prompt_len=args.max_prompt_len, new_tokens=args.max_new_tokens),
-                  scoring=dict(batch=8, length=min(5120, length)),  # RewardModel's batch_size and max_len
+                  scoring=dict(batch=8, length=length),  # RewardModel's batch_size and max_len
                   training=training)
         if args.kl_coef > 0:
             kw["reference"] = policy
@@ -181,7 +197,7 @@ def memory_plan(args, kind, world, card, checkpointing):
             prompts = max(1, args.chunk_prompts // world)
             kw.update(sampling=dict(samples=prompts * args.group_size, slots=args.sample_batch_size,
                                     prompts=prompts, prompt_len=args.max_prompt_len, new_tokens=args.max_new_tokens),
-                      scoring=dict(batch=8, length=min(5120, args.max_prompt_len + args.max_new_tokens)))
+                      scoring=dict(batch=8, length=args.max_prompt_len + args.max_new_tokens))
     kw["training"] = training
     return memory.plan(**kw)
 
@@ -235,7 +251,8 @@ def _memory_hints(args, kind, world, card, ckpt):
 
 def memory_check(args, p, kind):
     """Before any weights load: --plan prints the memory plan and exits; a GPU run is refused, with what to
-    change, when a phase cannot fit. Resolves --activation-checkpointing auto -> True / False (returned)
+    change, when a phase cannot fit. Fills the run-dependent defaults first (paper_defaults). Resolves
+    --activation-checkpointing auto -> True / False (returned)
     and --micro-batch-tokens auto -> a number (set in `args`).
 
     The auto budget on a GPU: checkpointing is decided at 4 of the longest units (the memory of the old
@@ -243,6 +260,7 @@ def memory_check(args, p, kind):
     decision, in steps of 1,024 up to MAX_MICRO_BATCH_TOKENS (at least the longest unit, which a
     micro-batch must hold whole). On the CPU: CPU_MICRO_BATCH_TOKENS."""
     from rlmt import memory
+    paper_defaults(args, kind)
     cuda = torch.cuda.is_available()
     if not args.plan and not cuda:  # the CPU: tiny models, nothing to plan
         args.micro_batch_tokens = args.micro_batch_tokens or CPU_MICRO_BATCH_TOKENS
@@ -292,11 +310,18 @@ def memory_check(args, p, kind):
     return ckpt
 
 
-def check(args, p, mini_batches=1):
+def paper_defaults(args, kind):
+    """Fill the flags whose default depends on the run (memory_check calls it first): --max-prompt-len is
+    896 for the zero templates and for PPO (both of the authors' released PPO configs), else 1,024."""
+    if getattr(args, "max_prompt_len", 0) is None:
+        args.max_prompt_len = 896 if args.template.startswith("zero") or kind == "ppo" else 1024
+
+
+def check(args, p):
     """Check the flags and read the data files before any model loads; exit with one clear message.
 
-    mini_batches: optimizer steps per rollout epoch (PPO's --mini-batches; GRPO takes one), each on a
-    1/mini_batches share of every rank's rows. Micro-batches divide nothing: they are cut by tokens
+    --mini-batches: optimizer steps per rollout epoch, each on a 1/mini_batches share of every rank's
+    prompts (a prompt's group stays together). Micro-batches divide nothing: they are cut by tokens
     (--micro-batch-tokens, rlmt.batching). Returns (rows, eval_rows, reward_fn, total_steps)."""
     for flag in ("model", "data"):
         if not getattr(args, flag):
@@ -308,11 +333,13 @@ def check(args, p, mini_batches=1):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.prompts_per_step % world:
         p.error(f"--prompts-per-step {args.prompts_per_step} must be divisible by the number of ranks {world}")
-    rows_per_rank = args.prompts_per_step // world * args.group_size
-    rows_msg = f"each rank trains on {args.prompts_per_step}/{world} prompts x {args.group_size} samples = " \
-               f"{rows_per_rank} rows"
-    if rows_per_rank % mini_batches:
-        p.error(f"{rows_msg}, not divisible by --mini-batches {mini_batches}")
+    if (args.prompts_per_step // world) % args.mini_batches:
+        p.error(f"each rank trains on {args.prompts_per_step}/{world} = {args.prompts_per_step // world} prompts, not "
+                f"divisible by --mini-batches {args.mini_batches} (a prompt's samples stay in one mini-batch)")
+    if args.tis_cap is not None and args.tis_cap < 1:
+        p.error(f"--tis-cap must be at least 1 (1 keeps no token above the sampler's probability), got {args.tis_cap}")
+    if args.max_prompt_len < 2:
+        p.error(f"--max-prompt-len must be at least 2, got {args.max_prompt_len}")
     try:
         rows = data.load_prompts(args.data)
         eval_rows = data.load_prompts(args.eval_data)[:args.eval_prompts] if args.eval_data else []

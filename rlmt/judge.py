@@ -4,8 +4,11 @@ judge's prompt and verdict parser, and a standard-library client for OpenAI-comp
 A judgement compares the model's answer with a reference answer to the same prompt and gives the model
 a win in [0, 1] per prompt:
   - a reward model: P(win) = σ(r_model − r_ref)  (the Bradley-Terry probability the RM was trained on);
-  - an LLM judge: 1 / 0.5 / 0 for a win / tie / loss, averaged over the two orders (model shown as A,
-    then as B), which cancels a judge's preference for a position.
+  - an LLM judge, both orders: 1 / 0.5 / 0 for a win / tie / loss, averaged over the two orders (model
+    shown as A, then as B), which cancels a judge's preference for a position;
+  - an LLM judge, AlpacaEval 2 as the paper ran it: AlpacaEval's ranking prompt, one game a prompt in an
+    order drawn per prompt from a seed (a position bias averages out over prompts, not within one),
+    a binary win (rank 1 or 2, no ties), the instruction and both outputs cut to 2,000 words.
 
 Length control, as the paper computes it (RLMT, "Evaluation"): fit a logistic regression of the win on
 the word-count difference (model − reference) and read the win probability at a difference of zero:
@@ -17,6 +20,8 @@ The wins may be fractional (a reward model's P(win)); the fit maximizes the Bern
 those soft targets by Newton's method (IRLS). numpy only.
 """
 
+import ast
+import hashlib
 import json
 import re
 import time
@@ -142,6 +147,92 @@ def game_score(verdict, model_is_a):
     if verdict == "tie":
         return 0.5
     return 1.0 if (verdict == "A") == model_is_a else 0.0
+
+
+# --- AlpacaEval 2's ranking judge ------------------------------------------------------------------------
+
+# AlpacaEval's ranking annotator prompt (github.com/tatsu-lab/alpaca_eval, Apache-2.0: the alpaca_eval_gpt4
+# annotator, evaluators_configs/alpaca_eval_gpt4/alpaca_eval.txt), reproduced as the protocol requires: a
+# judge's verdicts are only comparable under the same words. {instruction}, {output_1} and {output_2} are
+# filled in one pass (an answer that contains "{output_2}" stays as written).
+ALPACA_EVAL_SYSTEM = "You are a helpful assistant, that ranks models by the quality of their answers."
+ALPACA_EVAL_RANKING = """I want you to create a leaderboard of different of large-language models. To do so, \
+I will give you the instructions (prompts) given to the models, and the responses of two models. Please rank \
+the models based on which responses would be preferred by humans. All inputs and outputs should be python \
+dictionaries.
+
+Here is the prompt:
+{
+    "instruction": \"\"\"{instruction}\"\"\",
+}
+
+Here are the outputs of the models:
+[
+    {
+        "model": "model_1",
+        "answer": \"\"\"{output_1}\"\"\"
+    },
+    {
+        "model": "model_2",
+        "answer": \"\"\"{output_2}\"\"\"
+    }
+]
+
+Now please rank the models by the quality of their answers, so that the model with rank 1 has the best \
+output. Then return a list of the model names and ranks, i.e., produce the following output:
+[
+    {'model': <model-name>, 'rank': <model-rank>},
+    {'model': <model-name>, 'rank': <model-rank>}
+]
+
+Your response must be a valid Python dictionary and should contain nothing else because we will directly \
+execute it in Python. Please provide the ranking that the majority of humans would give."""
+ALPACA_EVAL_MAX_WORDS = 2000  # the paper cuts the judge's inputs to 2,000 words
+
+
+def truncate_words(text, max_words):
+    """`text` up to the end of its `max_words`-th whitespace-separated word (its own spacing and line
+    breaks kept); unchanged when it has no more words than that."""
+    for n, word in enumerate(re.finditer(r"\S+", text), 1):
+        if n == max_words:
+            return text[:word.end()]
+    return text
+
+
+def alpaca_eval_messages(instruction, output_1, output_2, max_words=ALPACA_EVAL_MAX_WORDS):
+    """The chat messages of AlpacaEval's ranking judge for one game: output_1 is shown as model_1.
+    The instruction and both outputs are cut to `max_words` words first."""
+    values = {k: truncate_words(v, max_words) for k, v in
+              (("instruction", instruction), ("output_1", output_1), ("output_2", output_2))}
+    user = re.sub(r"\{(instruction|output_1|output_2)\}", lambda m: values[m.group(1)], ALPACA_EVAL_RANKING)
+    return [{"role": "system", "content": ALPACA_EVAL_SYSTEM}, {"role": "user", "content": user}]
+
+
+def parse_ranking(text):
+    """An AlpacaEval ranking reply -> "A" when model_1 (the answer shown first) is ranked 1, "B" when it is
+    ranked 2, None when unparsable. The reply is a Python list of {'model', 'rank'} dicts, read with
+    ast.literal_eval (never eval) from its first "[" to its last "]", so a code fence or a sentence around
+    it does no harm; model_1's rank must be 1 or 2, and model_2's, when given, the other one."""
+    if not isinstance(text, str) or text.find("[") < 0 or text.rfind("]") < text.find("["):
+        return None
+    try:
+        items = ast.literal_eval(text[text.find("["):text.rfind("]") + 1])
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    if not isinstance(items, (list, tuple)):
+        return None
+    ranks = {d.get("model"): d.get("rank") for d in items if isinstance(d, dict)}
+    first, second = ranks.get("model_1"), ranks.get("model_2", 0)
+    if type(first) is not int or first not in (1, 2) or second not in (0, 3 - first):
+        return None
+    return "A" if first == 1 else "B"
+
+
+def model_shown_first(seed, prompt_id):
+    """The one order of a prompt's AlpacaEval game, drawn from (seed, prompt id): True when the model's
+    answer is model_1. A hash rather than a running generator, so a prompt keeps its order (and its
+    cached reply) when prompts are added, removed or reordered."""
+    return hashlib.sha256(f"{seed}\0{prompt_id}".encode()).digest()[0] % 2 == 0
 
 
 # --- OpenAI-compatible chat completions, standard library only -----------------------------------------

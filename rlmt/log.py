@@ -136,6 +136,7 @@ def report(out_dir, **outputs):
 
 def progress_postfix(m):
     """The few numbers worth watching on the progress bar."""
-    keys = (("reward_mean", "r"), ("format_rate", "fmt"), ("kl", "kl"), ("explained_variance", "ev"),
+    keys = (("reward_mean", "r"), ("answer_rate", "ans"), ("format_rate", "fmt"), ("kl", "kl"),
+            ("explained_variance", "ev"),
             ("response_len", "len"), ("tokens_per_s", "tok/s"), ("train_tokens_per_s", "train tok/s"))
     return {short: f"{m[k]:.3g}" for k, short in keys if k in m}

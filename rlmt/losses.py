@@ -11,8 +11,9 @@ House rules, each of which has broken a public RLHF framework:
   * log-ratios are clamped to ±LOG_RATIO_CLAMP before exp; every denominator is clamped to ≥ 1 (or eps);
   * metrics are detached 0-d tensors; call .item() only when logging.
 
-Ideas from verl (core_algos: agg_loss, dual-clip PPO), OpenRLHF and TRL (masked whitening, value clipping),
-Dr. GRPO (fixed-constant normalization) and J. Schulman's note "Approximating KL divergence" (k1/k2/k3).
+Ideas from verl (core_algos: agg_loss, dual-clip PPO, the clamped low-variance KL, rollout importance
+sampling), OpenRLHF and TRL (masked whitening, value clipping, vLLM importance-sampling correction), Dr. GRPO
+(fixed-constant normalization) and J. Schulman's note "Approximating KL divergence" (k1/k2/k3).
 The code is written from the equations, not copied.
 """
 
@@ -20,9 +21,12 @@ import torch
 import torch.nn.functional as F
 
 LOG_RATIO_CLAMP = 20.0  # exp(20) ≈ 4.9e8: finite in fp32, far beyond any ratio that clipping would keep
+K3_CLAMP = 10.0  # verl's low_var_kl: the per-token k3 value is clamped to [-10, 10] (k3 >= 0: at most 10)
 REL_STD_FLOOR = 1e-6  # a group's std below 1e-6 · max(1, |mean|) is float noise: the group has no signal
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
+TIS_MODES = ("token-truncate", "seq-mask")
+MISMATCH_BAND = (0.9, 1.1)  # a token whose sampler/trainer probability ratio leaves this band is counted
 DPO_KINDS = ("sigmoid", "hinge", "ipo")
 
 
@@ -124,21 +128,29 @@ def zero_std_fraction(rewards, group_size):
 
 # ----------------------------------------------------------------------------- surrogate and KL
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0):
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
+                sampler_logprobs=None, tis_cap=None, tis_mode="token-truncate"):
     """PPO / GRPO clipped surrogate per token, with dual clip (Schulman et al. 2017; Ye et al. 2020).
 
         ρ_t = exp(log π(a_t) − log π_old(a_t))
         L_t = −min(ρ_t A_t, clip(ρ_t, 1 − ε_low, 1 + ε_high) A_t)
         L_t = min(L_t, −c · A_t)  where A_t < 0                  (dual clip, c = dual_clip > 1)
+        L_t = w_t · L_t,  w = tis_weights(old_logprobs, sampler_logprobs, mask, tis_cap, tis_mode)
+                                                                 (truncated IS, only when tis_cap is set)
 
-    logprobs [B, T] (with grad), old_logprobs [B, T] (rollout time, treated as constant),
+    logprobs [B, T] (with grad), old_logprobs [B, T] (the trainer's, before the first update; constant),
     advantages [B] (one per sequence, broadcast over tokens) or [B, T], mask [B, T].
+    sampler_logprobs [B, T]: the sampler's log-probs of the same tokens, needed only with tis_cap.
+    tis_cap: C of truncated importance sampling (>= 1), which reweights each token's surrogate for the
+    rollout–training mismatch (see `tis_weights`); None (the default, the paper's) leaves it out.
     Returns (loss [B, T] fp32, 0 at masked positions; metrics dict of detached 0-d tensors:
     clip_frac, dual_clip_frac, ratio_mean, ratio_max, approx_kl = mean of k3(π_old‖π) = (ρ−1) − log ρ).
     dual_clip=None disables the dual clip. With one update per rollout ρ ≡ 1 and nothing clips.
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
+    if tis_cap is not None and sampler_logprobs is None:
+        raise ValueError("tis_cap needs sampler_logprobs: the weights are π_old / π_sampler")
     m = mask.bool()
     adv = advantages.detach().float()
     adv = _where(m, adv[:, None].expand_as(m) if adv.dim() == 1 else adv)
@@ -158,6 +170,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_hig
         loss = torch.where(dual, cap, loss)
     else:
         dual = torch.zeros_like(m)
+    if tis_cap is not None:  # after both clips, as verl and TRL weight the per-token PPO loss
+        loss = loss * tis_weights(old_logprobs, sampler_logprobs, m, tis_cap, tis_mode)
     loss = _where(m, loss)
 
     with torch.no_grad():
@@ -171,13 +185,70 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_hig
     return loss, metrics
 
 
+def tis_weights(old_logprobs, sampler_logprobs, mask, cap=2.0, mode="token-truncate"):
+    """Truncated importance-sampling weights for the rollout–training mismatch (detached, no gradient).
+
+    The sampler (bf16 kernels, another attention path) and the trainer give the same tokens slightly
+    different probabilities, so the rollout is off-policy for the trainer. With
+        log ρ_t = log π_old(a_t) − log π_sampler(a_t)     (π_old: the trainer, before the first update)
+      token-truncate   w_t = min(ρ_t, C)                                           (token-level TIS)
+      seq-mask         w_t = ρ_seq · 1[ρ_seq ≤ C],  ρ_seq = exp(Σ_t m_t log ρ_t)   (sequence-level MIS)
+    token-truncate is Yao et al. 2025's TIS ("Your efficient RL framework secretly brings you off-policy RL
+    training": verl `rollout_is="token"`, TRL `vllm_importance_sampling_mode="token_truncate"`); seq-mask
+    is the masked sequence-level variant of Liu, Li et al. 2025 ("When speed kills stability"; TRL
+    "sequence_mask"): a sequence's whole-trajectory ratio, kept as is up to C and the sequence dropped
+    (weight 0) above it, broadcast to its tokens. Log-ratios are clamped to ±LOG_RATIO_CLAMP before exp.
+
+    old_logprobs, sampler_logprobs, mask [B, T] -> w [B, T] fp32, 0 at masked positions. cap: C >= 1, so
+    identical log-probs give w ≡ 1 exactly (ρ = exp(0) = 1) and the loss is unchanged bit for bit.
+    """
+    if mode not in TIS_MODES:
+        raise ValueError(f"unknown TIS mode {mode!r}; expected one of {', '.join(TIS_MODES)}")
+    if not cap >= 1.0:
+        raise ValueError(f"the TIS cap must be >= 1 (a cap below 1 would down-weight on-policy tokens), got {cap}")
+    m = mask.bool()
+    with torch.no_grad():
+        log_rho = _where(m, old_logprobs.detach().float() - sampler_logprobs.detach().float())
+        if mode == "token-truncate":
+            w = torch.exp(log_rho.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=cap)
+        else:
+            rho_seq = torch.exp(log_rho.sum(dim=1, keepdim=True).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+            w = torch.where(rho_seq <= cap, rho_seq, torch.zeros_like(rho_seq)).expand_as(log_rho)
+        return _where(m, w)
+
+
+def mismatch_stats(old_logprobs, sampler_logprobs, mask, cap=2.0, mode="token-truncate"):
+    """How far the sampler's log-probs are from the trainer's, over response tokens (for the step's log).
+
+    old_logprobs, sampler_logprobs, mask [B, T] -> dict of detached 0-d fp32 tensors:
+      mismatch_frac           share of tokens with ρ_t = π_old / π_sampler outside [0.9, 1.1]
+      mismatch_logp_diff_mean mean |log π_old − log π_sampler|
+      mismatch_logp_diff_max  max  |log π_old − log π_sampler| (0 for an empty mask)
+      tis_weight_mean         mean over tokens of the weights tis_weights(cap, mode) gives, whether or
+                              not the loss applies them (1 when the two agree; below 1: truncation bites)
+    Each mean is over the mask's tokens, so rlmt.log.micro_batch_mean weights micro-batches by their token
+    counts, and takes the maximum of the *_max entry.
+    """
+    m = mask.bool()
+    with torch.no_grad():
+        diff = _where(m, old_logprobs.detach().float() - sampler_logprobs.detach().float())
+        rho = torch.exp(diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        lo, hi = MISMATCH_BAND
+        return {"mismatch_frac": masked_mean(((rho < lo) | (rho > hi)).float(), m),
+                "mismatch_logp_diff_mean": masked_mean(diff.abs(), m),
+                "mismatch_logp_diff_max": diff.abs().max() if diff.numel() else diff.new_zeros(()),
+                "tis_weight_mean": masked_mean(tis_weights(old_logprobs, sampler_logprobs, m, cap, mode), m)}
+
+
 def kl(logprobs, ref_logprobs, kind="k3", mask=None):
     """Per-token estimators of KL(π ‖ π_ref) from samples of π, with log r = log π_ref − log π:
 
         k1 = −log r                 unbiased, high variance, can be negative
         k2 = ½ (log r)²             biased value, low variance; as a loss its gradient is ∇KL(π‖π_ref)
         k3 = r − 1 − log r          unbiased, low variance, ≥ 0 (Schulman; the paper's KL loss); as a
-                                    loss its gradient is a biased estimate of ∇KL(π‖π_ref)
+                                    loss its gradient is a biased estimate of ∇KL(π‖π_ref). Clamped to
+                                    [−10, 10] per token, as verl's low_var_kl (the authors' trainer) does:
+                                    a token whose k3 exceeds 10 (log r > 2.61 or < −11) adds 10, no gradient.
 
     logprobs, ref_logprobs [B, T] -> [B, T] fp32. log r is clamped to ±LOG_RATIO_CLAMP before exp.
     mask [B, T] (optional): zeroes masked positions before exp, so NaN in padding cannot reach gradients;
@@ -193,7 +264,7 @@ def kl(logprobs, ref_logprobs, kind="k3", mask=None):
         return -log_r
     if kind == "k2":
         return 0.5 * log_r.pow(2)
-    return torch.exp(log_r) - 1.0 - log_r
+    return (torch.exp(log_r) - 1.0 - log_r).clamp(-K3_CLAMP, K3_CLAMP)
 
 
 # ----------------------------------------------------------------------------- aggregation

@@ -147,7 +147,10 @@ def _select(ro, rows, positions, G, template, min_valid, max_pair_len):
     out = []
     for p, (row, j) in enumerate(zip(rows, positions)):
         g = slice(p * G, (p + 1) * G)
-        rewards, ok = ro["rewards"][g], ro["format_ok"][g]
+        # usable: the answer's delimiter was found (chat.parseable) and the sample wrote something (a sample
+        # that is only its stop token has no text for a pair file)
+        ok = ro["parseable"][g] & torch.tensor([bool(t.strip()) for t in ro["texts"][g]])
+        rewards = ro["rewards"][g]
         scores = [round(float(r), 6) if bool(o) else None for r, o in zip(rewards, ok)]
         base = {"n_parseable": int(ok.sum()), "scores": scores}
         c, r, why = select_pair(rewards, ok, min_valid)

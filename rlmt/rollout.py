@@ -31,8 +31,10 @@ def rollout(policy, tokenizer, rows, *, template, group_size, rm=None, reward_fn
     rows: prompt records ({"id", "messages"}), P of them. Returns a dict with N = P × group_size rows:
       batch: sampler.to_batch(...) tensors (input_ids / attention_mask / position_ids / response_mask /
              old_logprobs [N, T]) — the exact sampled token ids, never re-encoded text
-      rewards [N] fp32, format_ok [N] bool, response_len [N], thought_len [N] (tokens, approximated by
-      the thought's share of the response text), finish [list of "stop"/"length"], and the texts
+      rewards [N] fp32, format_ok [N] bool (the whole format, for the log), parseable [N] bool (the
+      answer's delimiter was found: what the reward saw, chat.parseable), response_len [N], thought_len
+      [N] (tokens, approximated by the thought's share of the response text), finish [list of
+      "stop"/"length"], and the texts
       (prompt, thought, answer) for samples.jsonl; t_sample, t_reward seconds.
     """
     t0 = time.perf_counter()
@@ -51,11 +53,12 @@ def rollout(policy, tokenizer, rows, *, template, group_size, rm=None, reward_fn
     # training grow into them without the allocator's free-everything-and-retry path on the way
     t_sample = time.perf_counter() - t0
     stops = set(chat.stop_ids(tokenizer))
-    texts, thoughts, answers, ok = [], [], [], []
+    texts, thoughts, answers, ok, parsed = [], [], [], [], []
     for s in samples:
         toks = s["tokens"][:-1] if s["tokens"] and s["tokens"][-1] in stops else s["tokens"]
         text = tokenizer.decode(toks, skip_special_tokens=False)
         thought, answer, fmt = chat.split_answer(text, template, strict=strict)
+        parsed.append(chat.parseable(text, template, strict))
         texts.append(text)
         thoughts.append(thought)
         answers.append(answer)
@@ -68,7 +71,8 @@ def rollout(policy, tokenizer, rows, *, template, group_size, rm=None, reward_fn
     thought_share = torch.tensor([len(th) / max(1, len(tx)) for th, tx in zip(thoughts, texts)])
     return {
         "batch": sampler.to_batch(prompt_ids, samples, chat.pad_id(tokenizer)),
-        "rewards": rewards.float(), "format_ok": torch.tensor(ok), "response_len": lens,
+        "rewards": rewards.float(), "format_ok": torch.tensor(ok), "parseable": torch.tensor(parsed),
+        "response_len": lens,
         "thought_len": lens * thought_share, "finish": [s["finish_reason"] for s in samples],
         "prompt_ids": prompt_ids, "ids": [rows[s["prompt_index"]]["id"] for s in samples],
         "prompts": [chat.user_turn(p) for p in prompts], "texts": texts, "thoughts": thoughts,
@@ -126,7 +130,8 @@ def metrics(ro, world=1):
     """The rollout's numbers for metrics.jsonl, as detached tensors (log.reduce_metrics averages them over
     ranks; tokens_per_s is multiplied by `world` here so that its average is the total throughput)."""
     return dict(reward_mean=ro["rewards"].mean(), reward_std=ro["rewards"].std(),
-                format_rate=ro["format_ok"].float().mean(), response_len=ro["response_len"].mean(),
+                format_rate=ro["format_ok"].float().mean(), answer_rate=ro["parseable"].float().mean(),
+                response_len=ro["response_len"].mean(),
                 thought_len=ro["thought_len"].mean(),
                 length_frac=torch.tensor(sum(f == "length" for f in ro["finish"]) / len(ro["finish"])),
                 tokens_per_s=ro["response_len"].sum() / max(ro["t_sample"], 1e-9) * world,

@@ -138,8 +138,9 @@ def test_build_pairs_drop_rules_and_crash_repair(built, files, llama_dir, llama_
     def build(name, **extra):
         return pairs.build_pairs(policy, llama_tokenizer, rows, str(tmp_path / name), **{**kw, **extra})
 
-    # strict: the chat template then demands <think>…</think>, which the random model never writes
-    assert build("strict.jsonl", reward_fn=length, strict=True) == \
+    # strict chat-think: the answer needs its </think>, which the random model never writes (plain chat has
+    # no delimiter, so strict does nothing there: the authors' no-think configs)
+    assert build("strict.jsonl", reward_fn=length, strict=True, template="chat-think") == \
         {"pairs": 0, "skipped": 0, "too_few_parseable": 8, "tie": 0, "too_long": 0}
     assert not os.path.exists(tmp_path / "strict.jsonl") or not read_jsonl(tmp_path / "strict.jsonl")
     n = len(read_jsonl(built[0]))  # the prompts that the CLI run kept

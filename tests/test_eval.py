@@ -136,6 +136,162 @@ def test_both_orders_cancel_a_position_bias():
     assert msgs[1]["content"].index("first") < msgs[1]["content"].index("second")
 
 
+# --- AlpacaEval 2's ranking judge ------------------------------------------------------------------------
+
+def test_alpaca_eval_prompt_and_truncation():
+    long = " ".join(f"w{i}" for i in range(1, 2501))
+    msgs = J.alpaca_eval_messages("Say  hi\nplease", "first {output_2}", long)
+    assert msgs[0] == {"role": "system", "content": J.ALPACA_EVAL_SYSTEM}
+    user = msgs[1]["content"]
+    assert user.startswith("I want you to create a leaderboard of different of large-language models.")
+    assert '"instruction": """Say  hi\nplease""",' in user  # the instruction's own spacing is kept
+    assert '"answer": """first {output_2}"""' in user  # filled in one pass: a placeholder in an answer stays
+    assert user.index('"model_1"') < user.index("first {output_2}") < user.index('"model_2"') < user.index("w1 ")
+    assert " w2000\"\"\"" in user and "w2001" not in user  # cut at 2,000 words
+    assert J.truncate_words("a  b\n c d", 3) == "a  b\n c" and J.truncate_words("a b", 3) == "a b"
+    assert J.truncate_words("", 2000) == ""
+
+
+@pytest.mark.parametrize("text, verdict", [
+    ("[{'model': 'model_1', 'rank': 1}, {'model': 'model_2', 'rank': 2}]", "A"),
+    ("[{'model': 'model_2', 'rank': 1}, {'model': 'model_1', 'rank': 2}]", "B"),
+    ("```python\n[{'model': 'model_1', 'rank': 2}, {'model': 'model_2', 'rank': 1}]\n```", "B"),
+    ("Ranking: [{'model': 'model_1', 'rank': 1}]", "A"),
+    ("[{'model': 'model_1', 'rank': 1}, {'model': 'model_2', 'rank': 1}]", None),  # no tie in this protocol
+    ("[{'model': 'model_1', 'rank': 3}, {'model': 'model_2', 'rank': 1}]", None),
+    ("[{'model': 'model_1', 'rank': True}]", None),
+    ("[{'model': 'model_1', 'rank': __import__('os').getpid()}]", None),  # literal_eval, never eval
+    ("model_1 is better", None),
+    ("[[A]]", None),
+    (None, None),
+])
+def test_parse_ranking(text, verdict):
+    assert J.parse_ranking(text) == verdict
+
+
+def test_alpaca_eval_order_is_seeded_per_prompt():
+    ids = [f"p{i}" for i in range(64)]
+    first = [J.model_shown_first(0, i) for i in ids]
+    assert first == [J.model_shown_first(0, i) for i in ids]  # seeded
+    assert 16 < sum(first) < 48  # both orders occur
+    assert first != [J.model_shown_first(1, i) for i in ids]  # another seed, other orders
+    assert J.model_shown_first(0, "p7") == first[7]  # a prompt's order does not depend on the others
+
+
+def fake_rows(n, long_answer=None):
+    model = [{"id": f"p{i}", "messages": [{"role": "system", "content": "Be kind."},
+                                          {"role": "user", "content": f"question {i}"}], "answer": f"model answer {i}"}
+             for i in range(n)]
+    ref = [{"id": f"p{i}", "messages": model[i]["messages"], "answer": f"reference answer {i}"} for i in range(n)]
+    if long_answer:
+        model[0]["answer"] = long_answer
+    return model, ref
+
+
+def http_args(tmp_path, *extra):
+    return ev.parse_args(["--model", "m", "--prompts", "p", "--out", str(tmp_path), "--baseline", "b",
+                          "--judge", "http://127.0.0.1:1/v1", "--judge-model", "judge-x", *extra])
+
+
+def test_alpaca_eval_protocol_one_seeded_game_a_prompt_binary_wins(tmp_path, monkeypatch):
+    sent = []
+
+    def first_wins(url, payload, *a, **kw):  # a judge that always ranks the answer shown first on top
+        sent.append(payload)
+        return "[{'model': 'model_1', 'rank': 1}, {'model': 'model_2', 'rank': 2}]", None
+
+    monkeypatch.setattr(ev.judge, "chat_completion", first_wins)
+    long = " ".join(["word"] * 2100) + " TAIL"
+    model, ref = fake_rows(40, long_answer=long)
+    args = http_args(tmp_path, "--judge-protocol", "alpaca-eval", "--seed", "5")
+    records, extra = ev.judge_http(args, model, ref)
+    assert len(sent) == 40 and extra["games"] == 40 and extra["protocol"] == "alpaca-eval"
+    first = [J.model_shown_first(5, m["id"]) for m in model]
+    assert [r["model_shown_first"] for r in records] == [[f] for f in first]
+    assert [r["win"] for r in records] == [1.0 if f else 0.0 for f in first]  # binary, the bias not averaged
+    for payload, m, r, f in zip(sent, model, ref, first):
+        user = payload["messages"][1]["content"]
+        assert payload["messages"][0]["content"] == J.ALPACA_EVAL_SYSTEM and payload["temperature"] == 0.0
+        assert f'"instruction": """question {m["id"][1:]}"""' in user  # the user turn, not the system prompt
+        if m["id"] != "p0":
+            assert (user.index(m["answer"]) < user.index(r["answer"])) == f
+    assert "TAIL" not in sent[0]["messages"][1]["content"]  # cut to 2,000 words
+    again, extra = ev.judge_http(args, model, ref)  # every reply cached: nothing sent
+    assert extra["requests_sent"] == 0 and len(sent) == 40 and again == records
+
+
+def test_alpaca_eval_protocol_maps_ranks_to_the_right_answer(tmp_path, monkeypatch):
+    def prefers_the_model(url, payload, *a, **kw):  # a judge that finds the model's answer wherever it is
+        user = payload["messages"][1]["content"]
+        model_is_1 = user.index("model answer") < user.index("reference answer")
+        if "question 3\"" in user:
+            return "I cannot decide.", None
+        return f"[{{'model': 'model_1', 'rank': {1 if model_is_1 else 2}}}, " \
+               f"{{'model': 'model_2', 'rank': {2 if model_is_1 else 1}}}]", None
+
+    monkeypatch.setattr(ev.judge, "chat_completion", prefers_the_model)
+    model, ref = fake_rows(10)
+    records, extra = ev.judge_http(http_args(tmp_path, "--judge-protocol", "alpaca-eval"), model, ref)
+    assert [r["win"] for r in records] == [1.0, 1.0, 1.0, None] + [1.0] * 6
+    assert extra["unparsable_games"] == 1 and extra["prompts_without_verdict"] == ["p3"]
+    assert records[3]["verdicts"] == ["unparsable"]
+
+
+def test_both_orders_protocol_is_still_the_default(tmp_path, monkeypatch):
+    sent = []
+
+    def first_wins(url, payload, *a, **kw):
+        sent.append(payload)
+        return "[[A]]", None
+
+    monkeypatch.setattr(ev.judge, "chat_completion", first_wins)
+    model, ref = fake_rows(3)
+    records, extra = ev.judge_http(http_args(tmp_path), model, ref)
+    assert len(sent) == 6 and extra["protocol"] == "both-orders" and [r["win"] for r in records] == [0.5] * 3
+    assert all(r["model_shown_first"] == [True, False] for r in records)
+    assert sent[0]["messages"][0]["content"] == J.JUDGE_SYSTEM
+
+
+# --- generation settings per template ------------------------------------------------------------------
+
+def test_generation_defaults_follow_the_template():
+    args = ev.parse_args(["--model", "m", "--prompts", "p", "--out", "o"])
+    assert args.template == "chat-think"  # the paper evaluates warm-started models on the plain template
+    expect = {"chat": (4096, []), "chat-think": (8192, []), "think": (8192, []),
+              "zero": (8192, ["</response>"]), "zero-nothink": (4096, ["</response>"])}
+    assert {t: ev.generation_settings(args, t) for t in chat.TEMPLATES} == expect
+    args = ev.parse_args(["--model", "m", "--prompts", "p", "--out", "o", "--max-new-tokens", "100",
+                          "--stop", "END", "--stop", "###"])
+    assert ev.generation_settings(args, "zero") == ev.generation_settings(args, "chat") == (100, ["END", "###"])
+    args = ev.parse_args(["--model", "m", "--prompts", "p", "--out", "o", "--stop", ""])
+    assert ev.generation_settings(args, "zero") == (8192, [])  # --stop '' turns the default off
+
+
+def test_zero_generation_stops_at_response_close(llama_dir, tmp_path, monkeypatch):
+    calls = []
+    real = ev.sampler.generate
+
+    def spy(model, prompts, *a, **kw):
+        calls.append(kw)
+        return real(model, prompts, *a, **kw)
+
+    monkeypatch.setattr(ev.sampler, "generate", spy)
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2])
+    argv = ["--model", llama_dir, "--prompts", prompts, "--out", str(tmp_path / "o"), "--template", "zero",
+            "--max-new-tokens", "6"]
+    res = ev.main(argv)
+    assert calls[0]["stop_strings"] == ["</response>"] and calls[0]["tokenizer"] is not None
+    assert calls[0]["max_new_tokens"] == 6
+    assert res["generation"]["llama"] == {"template": "zero", "max_new_tokens": 6, "stop": ["</response>"]}
+    for r in read_jsonl(os.path.join(tmp_path / "o", "model.jsonl")):
+        assert (r["thought"], r["answer"], r["format_ok"]) == chat.split_answer(r["text"], "zero")
+    assert "stop at `</response>`" in open(tmp_path / "o" / "report.md").read()
+    ev.main(argv)
+    assert len(calls) == 1  # same settings: reused
+    ev.main(argv + ["--stop", ""])
+    assert len(calls) == 2 and calls[1]["stop_strings"] == []  # another stop: generated again
+
+
 # --- the script end to end -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -145,7 +301,7 @@ def run1(llama_dir, llama_rm_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     prompts = write_jsonl(tmp / "prompts.jsonl", PROMPTS)
     out = str(tmp / "run1")
-    argv = ["--model", llama_dir, "--baseline", llama_dir, "--prompts", prompts, "--out", out,
+    argv = ["--model", llama_dir, "--baseline", llama_dir, "--prompts", prompts, "--out", out, "--template", "think",
             "--max-new-tokens", "12", "--judge", f"rm:{llama_rm_dir}", "--bootstrap", "200",
             "--export", "alpaca_eval,arena_hard,wildbench"]
     return ev.main(argv), out, argv, tmp
@@ -237,11 +393,35 @@ def test_model_against_its_own_other_samples(run1, llama_dir, llama_rm_dir):
     bootstrap interval."""
     _, out, _, tmp = run1
     res = ev.main(["--model", llama_dir, "--prompts", str(tmp / "prompts.jsonl"), "--out", str(tmp / "run2"),
-                   "--max-new-tokens", "12", "--seed", "1", "--reference", os.path.join(out, "model.jsonl"),
-                   "--baseline-name", "llama-seed0", "--judge", f"rm:{llama_rm_dir}", "--bootstrap", "200"])
+                   "--template", "think", "--max-new-tokens", "12", "--seed", "1",
+                   "--reference", os.path.join(out, "model.jsonl"), "--baseline-name", "llama-seed0", "--judge", f"rm:{llama_rm_dir}", "--bootstrap", "200"])
     j = res["judge"]
     assert res["reference"] == "llama-seed0" and j["n"] == 6 and j["win_rate"] != pytest.approx(0.5, abs=1e-4)
     assert j["win_rate_ci95"][0] <= 0.5 <= j["win_rate_ci95"][1]
+
+
+def test_alpaca_eval_judge_end_to_end(run1, llama_dir, monkeypatch):
+    """The script with an HTTP judge (faked) under the AlpacaEval protocol: one request a prompt, results,
+    judgments and report say which protocol ran."""
+    _, out, _, tmp = run1
+    sent = []
+
+    def judge_reply(url, payload, *a, **kw):
+        sent.append(payload)
+        return "[{'model': 'model_2', 'rank': 1}, {'model': 'model_1', 'rank': 2}]", None
+
+    monkeypatch.setattr(ev.judge, "check_endpoint", lambda *a, **kw: None)
+    monkeypatch.setattr(ev.judge, "chat_completion", judge_reply)
+    res = ev.main(["--model", llama_dir, "--prompts", str(tmp / "prompts.jsonl"), "--out", str(tmp / "run3"),
+                   "--template", "think", "--max-new-tokens", "12", "--reference", os.path.join(out, "model.jsonl"),
+                   "--judge", "http://127.0.0.1:1/v1", "--judge-model", "judge-x", "--judge-protocol", "alpaca-eval",
+                   "--bootstrap", "50"])
+    j = res["judge"]
+    assert len(sent) == 6 and j["protocol"] == "alpaca-eval" and j["games"] == 6 and j["n"] == 6
+    judged = read_jsonl(str(tmp / "run3" / "judgments.jsonl"))
+    assert [r["win"] for r in judged] == [0.0 if r["model_shown_first"][0] else 1.0 for r in judged]
+    assert j["win_rate"] == pytest.approx(np.mean([r["win"] for r in judged]))
+    assert "AlpacaEval's ranking prompt" in open(tmp / "run3" / "report.md").read()
 
 
 def test_reference_file_matched_by_instruction(tmp_path):
@@ -267,6 +447,8 @@ def free_port():
     (["--baseline", "MODEL", "--judge", "http://127.0.0.1:1/v1"], "needs --judge-model"),
     (["--baseline", "MODEL", "--judge", "http://127.0.0.1:PORT/v1", "--judge-model", "x"], "unreachable"),
     (["--baseline", "MODEL", "--reference", "REF"], "not both"),
+    (["--baseline", "MODEL", "--judge", "rm:RM", "--judge-protocol", "alpaca-eval"], "an LLM judge's protocol"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--export", "alpaca_eval,mtbench"], "unknown --export ['mtbench']"),
     (["--baseline", "/no/such/model"], "--baseline: model '/no/such/model': no such folder"),
     (["--reference", "REF"], "no answer for 1 of 2 prompts (e.g. id 'b')"),

@@ -36,7 +36,7 @@ def test_runs_exports_and_logs(llama_dir, llama_rm_dir, rl_prompts, tmp_path):
         assert key in rows[0], key
     assert all(m["n_micro"] == 3 and m["pad_frac"] == 0 for m in rows)
     assert rows[0]["kl"] == 0.0 and rows[0]["ratio_mean"] == 1.0  # step 1: policy == reference, on-policy
-    assert rows[0]["sampler_logp_diff"] < 1e-4  # sampler and trainer agree on the log-probs
+    assert rows[0]["mismatch_logp_diff_mean"] < 1e-4  # sampler and trainer agree on the log-probs
     assert "policy:" in r.stdout and os.path.exists(os.path.join(out, "samples.jsonl"))
     # the export loads in transformers and matches rlmt's logits; training moved the weights
     import transformers
@@ -85,13 +85,14 @@ def test_bad_input_gets_clear_messages(llama_dir, llama_rm_dir, rl_prompts, tmp_
 
 
 def test_demo_learns_the_format(tmp_path):
-    """The README's demo, shortened: the format rate (= the demo's reward) must rise clearly."""
+    """The README's demo, shortened: the reward (1 for a parsed answer, 0 for strict mode's [NULL]) must rise
+    clearly, and it is exactly the share of answers whose delimiters were found (the authors' rule)."""
     out = str(tmp_path / "demo")
     run("--demo", "--out", out, "--steps", 8, "--eval-every", 0)
     rows = metrics(out)
     first, last = rows[0]["reward_mean"], sum(m["reward_mean"] for m in rows[-3:]) / 3
     assert last > first + 0.2, (first, last)
-    assert rows[-1]["format_rate"] == rows[-1]["reward_mean"]
+    assert rows[-1]["answer_rate"] == rows[-1]["reward_mean"]
 
 
 def test_fsdp_two_ranks_equal_one_process(llama_dir, llama_rm_dir, rl_prompts, tmp_path):
@@ -113,6 +114,25 @@ def test_fsdp_two_ranks_equal_one_process(llama_dir, llama_rm_dir, rl_prompts, t
     wa = load_file(os.path.join(one, "latest", "policy", "model.safetensors"))
     wb = load_file(os.path.join(two, "latest", "policy", "model.safetensors"))
     assert_same_update(load_file(os.path.join(llama_dir, "model.safetensors")), wa, wb)
+
+
+def test_mini_batches_take_several_steps_and_clip(llama_dir, llama_rm_dir, rl_prompts, tmp_path):
+    """--mini-batches 2 (the authors' 128-prompt GRPO configs): two optimizer steps per rollout against the
+    trainer's old log-probs, so the second step sees ratios != 1 and, at a large lr, clips; one step per
+    rollout keeps the ratio at exactly 1. 2 gloo ranks give the one-process update (mini-batches are
+    strided groups, the same prompts whatever the number of ranks)."""
+    from safetensors.torch import load_file
+    one, two, single = (str(tmp_path / x) for x in ("one", "two", "single"))
+    common = tiny_args(llama_dir, llama_rm_dir, rl_prompts, "X", "--steps", 1, "--prompts-per-step", 4, "--lr", 3e-2)
+    run(*[one if a == "X" else a for a in common], "--mini-batches", 2)
+    run(*[two if a == "X" else a for a in common], "--mini-batches", 2, nproc=2)
+    run(*[single if a == "X" else a for a in common])
+    m, s = metrics(one)[0], metrics(single)[0]
+    assert s["ratio_max"] == 1.0 and s["clip_frac"] == 0.0
+    assert m["ratio_max"] > 1.0 and m["clip_frac"] > 0.0, m
+    assert_metrics_close(metrics(one), metrics(two), ("reward_mean", "grad_norm"), rel=1e-5)
+    assert_same_update(load_file(os.path.join(llama_dir, "model.safetensors")),
+                       *(load_file(os.path.join(x, "latest", "policy", "model.safetensors")) for x in (one, two)))
 
 
 def test_one_step_equals_the_padded_path(llama_dir, llama_rm_dir, rl_prompts, tmp_path):

@@ -198,6 +198,111 @@ def test_policy_loss_padding_poison():
             torch.testing.assert_close(dirty[2][k], clean[2][k])
 
 
+# ----------------------------------------------------------------------------- truncated importance sampling
+
+def test_tis_token_truncate_hand():
+    # log π_old - log π_sampler = ln [0.5, 1.5, 3, 1]; C = 2 -> w = [0.5, 1.5, 2, 1] (the last token masked: 0).
+    # On-policy for the trainer (logprobs == old): ρ = 1, A = +1 -> L = -w;  A = -1 -> L = +w.
+    old = torch.full((2, 4), -1.0)
+    sampler = old - torch.log(torch.tensor([[0.5, 1.5, 3.0, 1.0]] * 2))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
+    sampler = poison(sampler, mask)
+    w = L.tis_weights(old, sampler, mask, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([[0.5, 1.5, 2.0, 0.0]] * 2))
+    lp = old.clone().requires_grad_()
+    loss, _ = L.policy_loss(lp, old, torch.tensor([1.0, -1.0]), mask, sampler_logprobs=sampler, tis_cap=2.0)
+    torch.testing.assert_close(loss, torch.tensor([[-0.5, -1.5, -2.0, 0.0], [0.5, 1.5, 2.0, 0.0]]))
+    loss.sum().backward()  # the weight is a constant: d/d log π of -w ρ A is -w A at ρ = 1
+    torch.testing.assert_close(lp.grad, torch.tensor([[-0.5, -1.5, -2.0, 0.0], [0.5, 1.5, 2.0, 0.0]]))
+
+
+def test_tis_weights_the_clipped_surrogate():
+    # A = +1, ρ = π / π_old = 1.5 clips at 1.2: L = -1.2, then w = min(3, 2) = 2 -> -2.4 (and no gradient);
+    # A = -1, ρ = 5 is dual-clipped at 3: L = 3, w = 0.5 -> 1.5.
+    old = torch.zeros(2, 1)
+    lp = torch.log(torch.tensor([[1.5], [5.0]])).requires_grad_()
+    sampler = -torch.log(torch.tensor([[3.0], [0.5]]))
+    loss, met = L.policy_loss(lp, old, torch.tensor([1.0, -1.0]), torch.ones(2, 1), sampler_logprobs=sampler,
+                              tis_cap=2.0)
+    torch.testing.assert_close(loss, torch.tensor([[-2.4], [1.5]]))
+    assert met["clip_frac"] == 0.5 and met["dual_clip_frac"] == 0.5  # the clip statistics are not reweighted
+    loss.sum().backward()
+    assert torch.equal(lp.grad, torch.zeros(2, 1))
+
+
+def test_tis_seq_mask_hand():
+    # ρ_seq = Π_t ρ_t over each row's response tokens, kept up to C = 2, the row dropped above it:
+    #   row 0: 1.2 · 1.5 = 1.8 -> 1.8;  row 1: 1.5 · 1.5 = 2.25 > 2 -> 0;  row 2: 0.5 · 0.8 · 1 = 0.4 -> 0.4
+    ratios = torch.tensor([[1.2, 1.5, 7.0], [1.5, 1.5, 7.0], [0.5, 0.8, 1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1]])
+    old = torch.full((3, 3), -2.0)
+    sampler = poison(old - torch.log(ratios), mask)  # the padded ratio 7 (and the poison) must not count
+    w = L.tis_weights(old, sampler, mask, cap=2.0, mode="seq-mask")
+    torch.testing.assert_close(w, torch.tensor([[1.8, 1.8, 0.0], [0.0, 0.0, 0.0], [0.4, 0.4, 0.4]]))
+    loss, _ = L.policy_loss(old, old, torch.tensor([1.0, 1.0, -1.0]), mask, sampler_logprobs=sampler, tis_cap=2.0,
+                            tis_mode="seq-mask")
+    torch.testing.assert_close(loss, torch.tensor([[-1.8, -1.8, 0.0], [0.0, 0.0, 0.0], [0.4, 0.4, 0.4]]))
+    # token-truncate on the same tokens: every token on its own, min(ρ_t, 2)
+    torch.testing.assert_close(L.tis_weights(old, sampler, mask, cap=2.0),
+                               torch.tensor([[1.2, 1.5, 0.0], [1.5, 1.5, 0.0], [0.5, 0.8, 1.0]]))
+
+
+@pytest.mark.parametrize("mode", L.TIS_MODES)
+def test_tis_with_sampler_equal_to_trainer_changes_nothing(mode):
+    # ρ_t = exp(0) = 1 <= C: w ≡ 1, so loss and gradient are bit for bit those without the correction,
+    # here off-policy for the update (both clips active), on ragged rows with poisoned padding.
+    g = torch.Generator().manual_seed(14)
+    mask = ragged_mask(6, 10, seed=14, empty_row=2)
+    old = torch.randn(6, 10, generator=g) - 2
+    lp0 = old + torch.randn(6, 10, generator=g) * 1.5  # ratios from ~0.05 to ~20
+    adv = torch.tensor([1.5, -2.0, 0.7, -0.3, 2.2, -1.1])
+    runs = []
+    for kw in ({}, {"sampler_logprobs": poison(old, mask), "tis_cap": 1.0, "tis_mode": mode},
+               {"sampler_logprobs": old.clone(), "tis_cap": 3.0, "tis_mode": mode}):
+        lp = lp0.clone().requires_grad_()
+        loss, met = L.policy_loss(lp, old, adv, mask, **kw)
+        L.aggregate(loss, mask).backward()
+        runs.append((loss.detach(), lp.grad, met))
+    assert runs[0][2]["clip_frac"] > 0 and runs[0][2]["dual_clip_frac"] > 0
+    for loss, grad, met in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
+    stats = L.mismatch_stats(old, old.clone(), mask, mode=mode)
+    assert stats == {"mismatch_frac": 0, "mismatch_logp_diff_mean": 0, "mismatch_logp_diff_max": 0,
+                     "tis_weight_mean": 1}
+
+
+def test_mismatch_stats_hand():
+    # ρ = π_old / π_sampler on the 5 response tokens: [0.8, 1.05, 1.3] and [1.0, 0.95] (a pad holds 9).
+    #   outside [0.9, 1.1]: 0.8 and 1.3 -> 2 / 5 = 0.4
+    #   |Δ log p| = [0.2231436, 0.0487902, 0.2623643, 0, 0.0512933]: max 0.2623643, mean 0.5855914 / 5
+    #   token-truncate, C = 1.1: w = [0.8, 1.05, 1.1, 1, 0.95] -> mean 4.9 / 5 = 0.98
+    #   seq-mask, C = 2: row 0 ρ_seq = 0.8 · 1.05 · 1.3 = 1.092, row 1 0.95 -> (3 · 1.092 + 2 · 0.95) / 5 = 1.0352
+    ratios = torch.tensor([[0.8, 1.05, 1.3], [1.0, 0.95, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    old = torch.full((2, 3), -1.5)
+    sampler = poison(old - torch.log(ratios), mask)
+    st = L.mismatch_stats(old, sampler, mask, cap=1.1)
+    torch.testing.assert_close(st["mismatch_frac"], torch.tensor(0.4))
+    torch.testing.assert_close(st["mismatch_logp_diff_max"], torch.tensor(0.2623643))
+    torch.testing.assert_close(st["mismatch_logp_diff_mean"], torch.tensor(0.5855914 / 5))
+    torch.testing.assert_close(st["tis_weight_mean"], torch.tensor(0.98))
+    torch.testing.assert_close(L.mismatch_stats(old, sampler, mask, mode="seq-mask")["tis_weight_mean"],
+                               torch.tensor(1.0352))
+    assert all(not v.requires_grad and v.dim() == 0 for v in st.values())
+    empty = L.mismatch_stats(old, sampler, torch.zeros(2, 3))
+    assert all(torch.isfinite(v) for v in empty.values()) and empty["mismatch_logp_diff_max"] == 0
+
+
+def test_tis_bad_arguments():
+    x, mask = torch.zeros(1, 2), torch.ones(1, 2)
+    with pytest.raises(ValueError, match=">= 1"):
+        L.tis_weights(x, x, mask, cap=0.5)
+    with pytest.raises(ValueError, match="token-truncate, seq-mask"):
+        L.tis_weights(x, x, mask, mode="sequence")
+    with pytest.raises(ValueError, match="needs sampler_logprobs"):
+        L.policy_loss(x, x, torch.ones(1), mask, tis_cap=2.0)
+
+
 def test_empty_masks_are_finite():
     lp = torch.randn(3, 5).requires_grad_()
     mask = torch.zeros(3, 5)
@@ -247,12 +352,27 @@ def test_kl_k3_nonnegative_and_clamped():
     lp = torch.zeros(1, 2, requires_grad=True)
     ref = torch.tensor([[100.0, -100.0]])
     out = L.kl(lp, ref)
-    # clamped to log r = ±20: e^20 - 1 - 20 and e^-20 - 1 + 20
-    torch.testing.assert_close(out, torch.tensor([[math.exp(20) - 21, math.exp(-20) + 19]]))
+    # log r clamped to ±20 (e^20 - 21 and e^-20 + 19), then the value to 10, as verl's low_var_kl
+    torch.testing.assert_close(out, torch.tensor([[10.0, 10.0]]))
     out.sum().backward()
-    assert torch.isfinite(lp.grad).all()
+    assert torch.equal(lp.grad, torch.zeros(1, 2))
     for kind in L.KL_KINDS:
         assert torch.isfinite(L.kl(torch.zeros(1, 2), ref, kind)).all()
+    # the log-ratio clamp still acts before exp for k1 / k2 (their values are not clamped): log r = 20
+    torch.testing.assert_close(L.kl(torch.zeros(1, 2), ref, "k1"), torch.tensor([[-20.0, 20.0]]))
+    torch.testing.assert_close(L.kl(torch.zeros(1, 2), ref, "k2"), torch.tensor([[200.0, 200.0]]))
+
+
+def test_kl_k3_value_clamp_hand():
+    # log r = ref - lp = [3, 2, -12, -10]:
+    #   e^3 - 1 - 3 = 16.0855369 -> 10;  e^2 - 1 - 2 = 4.3890561;  e^-12 - 1 + 12 = 11.0000061 -> 10;
+    #   e^-10 - 1 + 10 = 9.0000454.  d k3 / d lp = 1 - r where kept: 1 - e^2 = -6.3890561, 1 - e^-10 = 0.9999546
+    lp = torch.zeros(1, 4, requires_grad=True)
+    ref = torch.tensor([[3.0, 2.0, -12.0, -10.0]])
+    out = L.kl(lp, ref)
+    torch.testing.assert_close(out, torch.tensor([[10.0, 4.3890561, 10.0, 9.0000454]]))
+    out.sum().backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, -6.3890561, 0.0, 0.9999546]]))
 
 
 def test_kl_mask_blocks_nan_padding_gradients():

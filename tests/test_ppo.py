@@ -96,7 +96,7 @@ def test_paper_settings_are_on_policy_and_export(llama_dir, llama_rm_dir, rl_pro
         assert key in m, key
     assert "kl" not in m  # the paper's PPO has no KL, and loads no reference
     assert m["ratio_mean"] == 1.0 and m["clip_frac"] == 0.0 and m["value_clip_frac"] == 0.0
-    assert m["sampler_logp_diff"] < 1e-4  # the sampler and the trainer agree on the log-probs
+    assert m["mismatch_logp_diff_mean"] < 1e-4  # the sampler and the trainer agree on the log-probs
     assert "critic:" in r.stdout
     import transformers
     critic = transformers.AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "latest", "critic"))
@@ -109,9 +109,13 @@ def test_paper_settings_are_on_policy_and_export(llama_dir, llama_rm_dir, rl_pro
 def test_bad_flags_get_clear_messages(llama_dir, llama_rm_dir, qwen_rm_dir, rl_prompts, tmp_path):
     out = str(tmp_path / "bad")
     r = run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--mini-batches", 3), check=False)
-    assert r.returncode != 0 and "= 4 rows, not divisible by --mini-batches 3" in r.stderr
+    assert r.returncode != 0 and "= 4 prompts, not divisible by --mini-batches 3" in r.stderr
     r = run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--ppo-epochs", 0), check=False)
-    assert r.returncode != 0 and "--ppo-epochs and --mini-batches must be at least 1" in r.stderr
+    assert r.returncode != 0 and "--ppo-epochs must be at least 1" in r.stderr
+    r = run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--mini-batches", 0), check=False)
+    assert r.returncode != 0 and "--mini-batches" in r.stderr and "Traceback" not in r.stderr
+    r = run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--tis-cap", 0.5), check=False)
+    assert r.returncode != 0 and "--tis-cap must be at least 1" in r.stderr
     r = run("--model", llama_dir, "--reward-fn", "rlmt.demo:reward", "--data", rl_prompts, "--critic-init", "reward",
             check=False)
     assert r.returncode != 0 and "--critic-init reward needs --reward-model" in r.stderr
