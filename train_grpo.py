@@ -110,10 +110,7 @@ for step in bar:
     t0 = time.perf_counter()
     mask, b["advantages"], G = b["response_mask"], adv, args.group_size
     lengths = b["attention_mask"].sum(1).tolist()
-    # strided groups: mini-batch k holds the same prompts whatever the number of ranks (a rank's prompts are
-    # a contiguous slice of the step's, and their number is a multiple of --mini-batches)
-    minis = [[g * G + j for g in range(k, len(lengths) // G, args.mini_batches) for j in range(G)]
-             for k in range(args.mini_batches)]
+    minis = batching.mini_batches(len(lengths), G, args.mini_batches)  # strided groups, whole
     plans = [batching.micro_batches(lengths, args.micro_batch_tokens, args.micro_batch_size, device, among=idx)
              for idx in minis]
     micro = [[{k: v[group] for k, v in b.items()} for group in plan] for plan in plans]  # []: joins the others

@@ -135,7 +135,7 @@ for step in bar:
     # Each is cut into micro-batches by tokens, as many on every rank, the same ones in every pass below.
     t0 = time.perf_counter()
     lengths = b["attention_mask"].sum(1).tolist()
-    minis = [list(range(k, n, args.mini_batches)) for k in range(args.mini_batches)]
+    minis = batching.mini_batches(n, 1, args.mini_batches)
     plans = [batching.micro_batches(lengths, args.micro_batch_tokens, args.micro_batch_size, device, among=idx)
              for idx in minis]
 

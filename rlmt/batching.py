@@ -41,6 +41,15 @@ def plan(lengths, max_tokens, max_rows=None):
     return [sorted(b) for b in bins]
 
 
+def mini_batches(rows, group_size, n):
+    """A rollout's rows (prompt-major, `group_size` samples a prompt) split into `n` optimizer steps ->
+    [[row indices]]: mini-batch k holds the groups g with g % n == k, whole. Strided, so it holds the same
+    prompts whatever the number of ranks: a rank's prompts are a contiguous slice of the step's whose
+    length is a multiple of n (rlmt.cli.check), and g % n is then the same locally and globally."""
+    return [[g * group_size + j for g in range(k, rows // group_size, n) for j in range(group_size)]
+            for k in range(n)]
+
+
 def micro_batches(lengths, max_tokens, max_rows=None, device=None, among=None):
     """`plan`, then empty micro-batches ([]) appended until this rank has as many as the busiest one: one
     all-reduce, so every rank must call it. device: where the collective's tensor lives (the process

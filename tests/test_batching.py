@@ -49,3 +49,15 @@ def test_micro_batch_mean_weighs_by_tokens():
              ({"kl": torch.tensor(float("nan")), "ratio_max": torch.tensor(0.0)}, torch.tensor(0.0))]
     out = log.micro_batch_mean(stats)
     assert out["kl"].item() == pytest.approx((3 * 1 + 2) / 4) and out["ratio_max"].item() == 1.5
+
+
+def test_mini_batches_keep_groups_whole_and_do_not_depend_on_the_ranks():
+    assert batching.mini_batches(8, 2, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert batching.mini_batches(3, 1, 1) == [[0, 1, 2]]
+    whole = batching.mini_batches(16, 2, 2)  # 8 prompts x 2 samples in one process
+    for world in (2, 4):  # each rank holds a contiguous slice of 16 / world rows
+        share = 16 // world
+        for rank in range(world):
+            mine = batching.mini_batches(share, 2, 2)
+            for k in range(2):
+                assert [rank * share + i for i in mine[k]] == [i for i in whole[k] if i // share == rank]
