@@ -56,7 +56,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from rlmt import model as M  # noqa: E402
-from rlmt import reward, sampler  # noqa: E402
+from rlmt import decode, reward, sampler  # noqa: E402
 from rlmt.logprobs import sequence_logprobs  # noqa: E402
 
 # Llama 3.2 1B / 3.2 3B / 3.1 8B (config.json of the hub checkpoints); "tiny" is the --dry-run stand-in.
@@ -246,7 +246,7 @@ def width_churn(model, batch, S, device):
     """ms per eager decode step (no CUDA graph) over a fixed cache width, and over a width that changes
     every step as the unbucketed eager sampler's did: the cost of a new attention shape."""
     cfg = model.config
-    cache = sampler.KVCache(cfg.num_layers, batch, cfg.num_kv_heads, S, cfg.head_dim,
+    cache = decode.KVCache(cfg.num_layers, batch, cfg.num_kv_heads, S, cfg.head_dim,
                             model.lm_head.weight.dtype, device)
     tok = torch.randint(3, cfg.vocab_size, (batch,), device=device)
     out = {}
@@ -255,7 +255,7 @@ def width_churn(model, batch, S, device):
             times = []
             for w in widths:
                 cache.width = w
-                times.append(timed(lambda: sampler.decode_one_token(model, cache, tok, torch.full_like(tok, w - 1)),
+                times.append(timed(lambda: decode.decode_one_token(model, cache, tok, torch.full_like(tok, w - 1)),
                                    device)[1])
             out[f"step_ms_{name}_width"] = 1e3 * statistics.median(times[4:])
     return out
@@ -482,8 +482,8 @@ def section_rollout(rep, args, device, dtype, bw, mm):
         full rows and a short width, at the full width, and at a few live rows."""
         model, cfg = state["model"], state["model"].config
         rows, S = len(lengths), max(plens) + cap
-        cache = sampler.KVCache(cfg.num_layers, rows, cfg.num_kv_heads, S, cfg.head_dim, dtype, device)
-        step = sampler.Decoder(model, cache, rows, "compile" in variant, "graph" in variant)
+        cache = decode.KVCache(cfg.num_layers, rows, cfg.num_kv_heads, S, cfg.head_dim, dtype, device)
+        step = decode.Decoder(model, cache, rows, "compile" in variant, "graph" in variant)
         out = {}
         for b, w in ((rows, min(S, 1280)), (rows, S), (min(4, rows), S - min(1024, S // 4))):
             tok = torch.randint(3, cfg.vocab_size, (b,), device=device)

@@ -11,7 +11,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from conftest import run_script
-from rlmt import cli, dist, memory, sampler
+from rlmt import cli, decode, dist, memory
 from rlmt.logprobs import sequence_logprobs
 from rlmt.model import Config, Transformer
 
@@ -189,7 +189,7 @@ def test_packed_activations_match_what_autograd_keeps(dtype, checkpointing):
 def test_kv_cache_and_trained_state_match_allocations():
     """The KV cache of a generate call and the FSDP2 state after one AdamW step, byte for byte."""
     cfg = Config.from_hf(TINY)
-    cache = sampler.KVCache(cfg.num_layers, 5, cfg.num_kv_heads, 300, cfg.head_dim, torch.bfloat16, "cpu")
+    cache = decode.KVCache(cfg.num_layers, 5, cfg.num_kv_heads, 300, cfg.head_dim, torch.bfloat16, "cpu")
     assert sum(t.nbytes for t in cache.k + cache.v) == 5 * 300 * memory.kv_bytes_per_token(cfg, 2)
 
     dist.init()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from rlmt import chat, data, dist, logprobs, sampler
+from rlmt import chat, data, decode, dist, logprobs, sampler
 from rlmt import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -373,7 +373,7 @@ def test_cuda_graph_needs_cuda(llama):
 def test_kv_cache_writes_each_row_at_its_position():
     """update() puts row i's key/value at column pos[i] of that layer's tensor and nowhere else, and hands
     back the first `width` columns of rows [0, b); copy_rows copies a row's first columns."""
-    cache = sampler.KVCache(layers=2, slots=3, kv_heads=2, length=6, head_dim=4, dtype=torch.float32, device="cpu")
+    cache = decode.KVCache(layers=2, slots=3, kv_heads=2, length=6, head_dim=4, dtype=torch.float32, device="cpu")
     k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
     cache.pos, cache.width = torch.tensor([4, 1]), 5
     kc, vc = cache.update(1, k, v)
