@@ -148,8 +148,8 @@ class Slots:
     in free slots, `record` books new tokens and frees the slots whose sample ended, `pack` moves live
     rows down into freed slots; rows [0, live) then hold every live sample."""
 
-    def __init__(self, prompts, n, slots, limits, keys, temperature, ended, device, bar=None):
-        self.prompts, self.n, self.limits, self.keys = prompts, n, limits, keys
+    def __init__(self, prompts, n, slots, limits, keys, temperature, ended, device, bar=None, on_tokens=None):
+        self.prompts, self.n, self.limits, self.keys, self.on_tokens = prompts, n, limits, keys, on_tokens
         self.temperature, self.ended, self.device, self.bar = temperature, ended, device, bar
         N = len(prompts) * n
         self.pending = deque(range(N))
@@ -206,6 +206,8 @@ class Slots:
             hit = self.ended(t, self.tokens[j])
             if hit or len(self.tokens[j]) == self.limits[j]:
                 self.reasons[j], self.owner[s], self.pos[s], ended = "stop" if hit else "length", -1, 0, ended + 1
+            if self.on_tokens is not None:  # a server streaming the sample as it grows
+                self.on_tokens(j, self.tokens[j])
         if self.bar is not None:
             self.bar.update(added, ended)
 
@@ -236,7 +238,8 @@ class Slots:
 
 def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0, top_k=0, stop_ids=(),
              stop_strings=None, tokenizer=None, seed=0, batch_size=64, ignore_eos=False, compile=False,
-             cuda_graph=None, sync_every=None, bucket=None, full_width=False, progress=False, stats=None):
+             cuda_graph=None, sync_every=None, bucket=None, full_width=False, progress=False, stats=None,
+             on_tokens=None):
     """Sample `n` responses to each prompt.
 
     prompts: P lists of token ids. max_new_tokens: the response budget, one int or one per sample
@@ -269,6 +272,8 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
     stats: a dict, filled with steps (decode forwards), rows (their summed rows), columns (summed
     rows x width: the KV columns read) and shapes (the distinct (rows, width) decoded, sorted: on a
     GPU, the graphs captured).
+    on_tokens: called as on_tokens(j, tokens) each time sample j (prompt-major index) gets a token, with
+    its token list so far (the live list: copy it to keep it); for streaming servers.
     Every sampling field is an argument; a checkpoint's generation_config is never read.
 
     Returns N = P * n dicts in prompt-major order (the n samples of prompt 0, then of prompt 1, ...):
@@ -305,7 +310,8 @@ def generate(model, prompts, n=1, *, max_new_tokens, temperature=0.7, top_p=1.0,
                         model.model.embed_tokens.weight.dtype, device)
         keys = [(int(x),) for x in seed] if isinstance(seed, (list, tuple)) else \
             [(int(seed), p) for p in range(len(prompts))]
-        book = Slots(prompts, n, slots, limits, keys, temperature, ended, device, _progress(N) if progress else None)
+        book = Slots(prompts, n, slots, limits, keys, temperature, ended, device, _progress(N) if progress else None,
+                     on_tokens)
         step = Decoder(model, cache, slots, compile, cuda if cuda_graph is None else cuda_graph)
         while True:
             while book.pending and book.has_free():

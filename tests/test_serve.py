@@ -39,38 +39,60 @@ def call(url, body=None, raw=None):
         return e.code, json.loads(e.read())
 
 
-@pytest.fixture(scope="module")
-def server(llama_dir, tmp_path_factory):
+def start_server(llama_dir, log, *flags):
+    """A `sample.py --serve` subprocess on a free port -> (proc, base URL), once /v1/models answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    # a long batch window: requests sent together by the tests surely land in one batch
+    # a long batch window: requests sent together by the tests surely land in one batch; short rounds
+    # (--chunk-tokens 16) so that requests of a few dozen tokens cross rounds
     cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--model", llama_dir, "--serve", "--port", str(port),
-           "--template", "think", "--max-new-tokens", "32", "--served-model-name", NAME, "--batch-wait-ms", "300"]
+           "--served-model-name", NAME, "--batch-wait-ms", "300", "--chunk-tokens", "16", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if call(base + "/models")[0] == 200:
+                return proc, base
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)
+            raise AssertionError(f"the server did not come up: {log.read_text()[-2000:]}")
+        time.sleep(0.3)
+
+
+def stop_server(proc):
+    proc.terminate()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if call(base + "/models")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, f"the server exited: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "the server did not answer within 120 s"
-            time.sleep(0.3)
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    proc, base = start_server(llama_dir, log, "--template", "think")
+    try:
         yield base, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def chat_server(llama_dir, tmp_path_factory):
+    """The chat template: no thinking expected, so the tiny model's whole text is the answer."""
+    log = tmp_path_factory.mktemp("serve-chat") / "server.log"
+    proc, base = start_server(llama_dir, log, "--template", "chat")
+    try:
+        yield base, log
+    finally:
+        stop_server(proc)
 
 
 def posts(log):
@@ -107,10 +129,20 @@ def test_chat_completion_fields_and_seeded_samples(server):
     ("/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, None, 400, "last message"),
     ("/chat/completions", ask("x", temperature=-1), None, 400, "temperature must be"),
     ("/chat/completions", ask("x", top_p=0), None, 400, "top_p must be"),
-    ("/chat/completions", ask("x", max_tokens=10_000), None, 400, "max_tokens must be an integer in [1, 32]"),
+    ("/chat/completions", ask("x", max_tokens=10_000), None, 400, "max_tokens is 10000"),
+    ("/chat/completions", ask("x" * 3_000_000), None, 400, "characters, more than the model's context of 2048"),
+    ("/chat/completions", ask("x " * 2100), None, 400, "the model's context is 2048 tokens"),
+    ("/chat/completions", ask("x", tools=[{"type": "function"}]), None, 400, "tools is not supported"),
+    ("/chat/completions", ask("x", response_format={"type": "json_object"}), None, 400, "response_format is not"),
+    ("/chat/completions", ask("x", frequency_penalty=0.5), None, 400, "frequency_penalty is not supported"),
+    ("/chat/completions", ask("x", logit_bias={"1": 5}), None, 400, "logit_bias is not supported"),
+    ("/chat/completions", ask("x", some_new_field=1), None, 400, "some_new_field is not supported"),
+    ("/chat/completions", ask("x", n=65), None, 400, "n must be an integer in [1, 64]"),
+    ("/chat/completions", ask("x", logprobs=True, top_logprobs=21), None, 400, "top_logprobs must be"),
+    ("/chat/completions", ask("x", top_logprobs=2), None, 400, "top_logprobs needs logprobs=true"),
+    ("/chat/completions", ask("x", stream="yes"), None, 400, "stream must be true or false"),
     ("/chat/completions", ask("x", n="2"), None, 400, "n must be"),
     ("/chat/completions", ask("x", stop=[""]), None, 400, "stop must be"),
-    ("/chat/completions", ask("x", stream=True), None, 400, "stream"),
     ("/chat/completions", {**ask("x"), "model": "gpt-4o"}, None, 404, "is not served here"),
     ("/completions", ask("x"), None, 404, "no route"),
 ])
@@ -221,3 +253,196 @@ def test_judge_client_retries_transient_errors_and_stops_on_others():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# --- vLLM parity: streaming, logprobs, limits, fairness, stop strings ------------------------------------
+
+def read_events(base, body, timeout=60):
+    """POST a stream=true request with http.client -> the parsed `data:` events, [DONE] last."""
+    host, port = base.split("//")[1].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    assert reply.status == 200 and reply.getheader("Content-Type") == "text/event-stream"
+    events = []
+    for _ in range(100_000):  # bounded: a stream that never ends fails the test
+        line = reply.readline()
+        if not line:
+            break
+        line = line.decode().rstrip("\n")
+        if line.startswith("data: "):
+            events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    conn.close()
+    return events
+
+
+def reassemble(chunks, n):
+    """Stream chunks -> per choice {reasoning_content, content, finish_reason}."""
+    out = [{"reasoning_content": "", "content": "", "finish_reason": None} for _ in range(n)]
+    for c in chunks:
+        for ch in c["choices"]:
+            for key in ("reasoning_content", "content"):
+                out[ch["index"]][key] += ch["delta"].get(key) or ""
+            out[ch["index"]]["finish_reason"] = ch["finish_reason"] or out[ch["index"]]["finish_reason"]
+    return out
+
+
+def as_stream(body):
+    return [{"reasoning_content": c["message"]["reasoning_content"] or "", "content": c["message"]["content"],
+             "finish_reason": c["finish_reason"]} for c in body["choices"]]
+
+
+@pytest.mark.parametrize("which", ["server", "chat_server"])
+def test_stream_events_reassemble_to_the_non_streamed_completion(which, request):
+    """Raw SSE: a role chunk, incremental deltas (thought under think, answer under chat), one finish chunk
+    per choice, a usage chunk, [DONE]; the same seed gives the non-streamed result (crossing rounds)."""
+    base = request.getfixturevalue(which)[0]
+    body = ask("Tell me a story.", max_tokens=40, n=2, seed=11, temperature=1.0)
+    events = read_events(base, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]" and all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+    chunks, usage = events[:-2], events[-2]
+    assert usage["choices"] == [] and all(c["usage"] is None for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    key = "reasoning_content" if which == "server" else "content"
+    assert sum(key in ch["delta"] for c in chunks for ch in c["choices"]) > 4  # incremental, not one blob
+    finals = [ch for c in chunks for ch in c["choices"] if ch["finish_reason"]]
+    assert sorted(ch["index"] for ch in finals) == [0, 1]
+    status, whole = call(base + "/chat/completions", body)
+    assert status == 200 and reassemble(chunks, 2) == as_stream(whole)
+    assert usage["usage"] == whole["usage"] and whole["usage"]["completion_tokens"] > 16
+
+
+def test_stream_through_the_openai_client(chat_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=chat_server[0], api_key="sk-none", timeout=60, max_retries=0)
+    fields = dict(model=NAME, messages=[{"role": "user", "content": "Say hello."}], max_tokens=24, seed=5,
+                  temperature=1.0)
+    text, finish, usage = "", None, None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **fields):
+        if chunk.usage:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            text += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+    whole = client.chat.completions.create(**fields)
+    assert text == whole.choices[0].message.content and finish == whole.choices[0].finish_reason
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert [m.id for m in client.models.list().data] == [NAME]
+
+
+def test_logprobs_of_the_answer_tokens(chat_server):
+    """The sampler's log-prob of each answer token equals that token's entry in the teacher-forced
+    top_logprobs (greedy: it is the first of them), and the tokens spell the answer."""
+    base = chat_server[0]
+    for temperature, k in ((0, 5), (0.8, 20)):
+        status, body = call(base + "/chat/completions", ask("Name three colors.", max_tokens=24, seed=3,
+                                                            temperature=temperature, logprobs=True, top_logprobs=k))
+        assert status == 200
+        choice = body["choices"][0]
+        content = choice["logprobs"]["content"]
+        spelled = b"".join(bytes(e["bytes"]) for e in content).decode(errors="replace")
+        assert content and choice["message"]["content"] in spelled
+        matched = 0
+        for e in content:
+            assert len(e["top_logprobs"]) == k and e["logprob"] <= 0
+            same = [t["logprob"] for t in e["top_logprobs"] if t["bytes"] == e["bytes"]]  # the same token
+            if temperature == 0:
+                best = e["top_logprobs"][0]  # greedy: the chosen token is the most likely one
+                assert best["bytes"] == e["bytes"] and abs(best["logprob"] - e["logprob"]) < 1e-3
+            if same:
+                assert any(abs(x - e["logprob"]) < 1e-3 for x in same), (e, temperature)
+                matched += 1
+        assert matched == len(content) if temperature == 0 else matched > 0  # a random model: a flat distribution
+    status, body = call(base + "/chat/completions", ask("Hi", max_tokens=4, logprobs=True))
+    assert status == 200 and all(e["top_logprobs"] == [] for e in body["choices"][0]["logprobs"]["content"])
+
+
+def test_model_route_by_id(server):
+    status, body = call(server[0] + "/models/" + NAME)
+    assert status == 200 and body["id"] == NAME and body["max_model_len"] == 2048
+    status, body = call(server[0] + "/models/gpt-4o")
+    assert status == 404 and "not served here" in body["error"]["message"]
+
+
+def test_max_tokens_defaults_to_the_context_and_is_capped_by_it_only(server):
+    base = server[0]
+    prompt = call(base + "/chat/completions", ask("Hi", max_tokens=1))[1]["usage"]["prompt_tokens"]
+    assert call(base + "/chat/completions", ask("Hi", max_tokens=2048 - prompt, stop=["e"]))[0] == 200
+    status, body = call(base + "/chat/completions", ask("Hi", max_tokens=2049 - prompt))
+    assert status == 400 and f"the prompt has {prompt} tokens and max_tokens is {2049 - prompt}" in \
+        body["error"]["message"] and "context of 2048" in body["error"]["message"]
+
+
+def test_a_long_request_does_not_starve_short_ones(chat_server):
+    """One request of ~1,400 tokens of prompt and 600 of response, then, once it is decoding, three short
+    ones: they join the long one's rounds (--chunk-tokens 16) and finish first."""
+    (base, log), ends, took = chat_server, {}, {}
+    seen = log.read_text().count("\ndecoded")
+    start = time.monotonic()
+
+    def send(name, body):
+        t = time.monotonic()
+        status, reply = call(base + "/chat/completions", body)
+        ends[name], took[name] = time.monotonic(), time.monotonic() - t
+        assert status == 200, reply
+        return reply
+
+    with ThreadPoolExecutor(4) as pool:
+        long = pool.submit(send, "long", ask("word " * 1400, max_tokens=600, temperature=0))
+        for _ in range(600):  # until the worker has booked a round of it
+            if log.read_text().count("\ndecoded") > seen:
+                break
+            time.sleep(0.05)
+        shorts = [pool.submit(send, f"short{i}", ask(f"Say hello {i}.", max_tokens=8, temperature=0))
+                  for i in range(3)]
+        for f in shorts:
+            f.result(timeout=120)
+        tokens = long.result(timeout=120)["usage"]["completion_tokens"]
+    print("\nlatencies (s): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(took.items())) +
+          f"; long request: {tokens} tokens, done at {ends['long'] - start:.2f} s")
+    assert tokens > 64  # it decoded several rounds
+    assert all(ends[f"short{i}"] < ends["long"] for i in range(3))
+
+
+def fake_job(tokenizer, text, stop, n=1):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return {"ids": [1, 2], "stop": stop, "n": n, "logprobs": True, "top_logprobs": 0, "usage_chunk": True,
+            "samples": [{"tokens": ids, "logprobs": [-0.5] * len(ids), "finish_reason": "length"}] * n,
+            "live": [[] for _ in range(n)], "error": None, "changed": threading.Event()}, ids
+
+
+@pytest.mark.parametrize("stop, thought, answer", [
+    (["END"], "plan one STOP plan two", "the answer"),      # in the answer: the thought intact, the answer cut
+    (["STOP"], "plan one", ""),                              # in the thought: no </think> left, all thought
+    ([], "plan one STOP plan two", "the answer END tail"),
+])
+def test_stop_strings_are_cut_before_the_split(llama_tokenizer, stop, thought, answer):
+    sample = importlib.import_module("sample")
+    from types import SimpleNamespace
+    args = SimpleNamespace(template="chat-think")
+    job, ids = fake_job(llama_tokenizer, "<think>plan one STOP plan two</think> the answer END tail", stop)
+    body = sample.completion_body(job, llama_tokenizer, args, NAME)
+    (choice,) = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": answer, "reasoning_content": thought or None}
+    assert choice["finish_reason"] == ("stop" if stop else "length")
+    spelled = b"".join(bytes(e["bytes"]) for e in choice["logprobs"]["content"]).decode()
+    assert answer in spelled and "think>" not in spelled and (not stop or stop[0] not in spelled)
+
+    # the same text streamed a token at a time reassembles to the same message: a half-written </think>,
+    # <think> or stop string is held back until it is known
+    final, job["samples"] = job["samples"], [None]
+
+    def feed():  # the worker's part: one token booked at a time, then the finished sample
+        for i in range(1, len(ids) + 1):
+            job["live"][0] = ids[:i]
+            job["changed"].set()
+            time.sleep(0.002)
+        job["samples"] = final
+        job["changed"].set()
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    live = list(sample.stream_events(job, llama_tokenizer, args, NAME))
+    feeder.join()
+    assert live[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(e[6:]) for e in live[:-2]]
+    assert reassemble(chunks, 1) == as_stream(body)
