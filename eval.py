@@ -49,6 +49,7 @@ from rlmt.model import from_pretrained, resolve_path
 from sample import response_text, write_jsonl
 
 EXPORTS = ("alpaca_eval", "arena_hard", "wildbench")
+WILDBENCH_QUESTIONS = 1024  # WildBench v2: its evaluation pairs answers with these questions by position
 PROTOCOLS = ("both-orders", "alpaca-eval")
 # the paper's new-token budgets: a thought and its answer, or an answer alone
 MAX_NEW_TOKENS = {"thinking": 8192, "no-think": 4096}
@@ -71,8 +72,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder, hub id or alias (rlmt.model.ALIASES)")
     p.add_argument("--prompts", required=True,
-                   help='benchmark prompts: JSONL (or a JSON array) of {"id", "messages"} or {"id", "prompt"}; '
-                        'extra fields (uid, session_id, dataset, category) are carried into the exports')
+                   help='benchmark prompts: JSONL, a JSON array or Parquet of {"id", "messages"} or {"id", "prompt"}, '
+                        "or a benchmark's own question file (AlpacaEval, Arena-Hard v2, WildBench); extra fields "
+                        "(uid, session_id, dataset, category) are carried into the exports")
     p.add_argument("--out", required=True, help="output folder; answers already in it are reused")
     p.add_argument("--baseline", help="a second checkpoint to generate with and judge against")
     p.add_argument("--reference", help="an existing outputs file to judge against instead (this script's "
@@ -132,6 +134,8 @@ def parse_args(argv=None):
         (args.max_new_tokens is not None and args.max_new_tokens < 1,
          f"--max-new-tokens must be at least 1, got {args.max_new_tokens}"),
         (args.max_prompt_len is not None and args.max_prompt_len < 2, "--max-prompt-len must be at least 2"),
+        (os.path.exists(args.out) and not os.path.isdir(args.out),
+         f"--out {args.out}: exists and is not a folder (give a folder for the outputs)"),
         (args.batch_size < 1 or args.judge_workers < 1 or args.bootstrap < 1 or args.judge_retries < 0,
          "--batch-size, --judge-workers and --bootstrap must be positive, --judge-retries >= 0"),
     ]:
@@ -394,8 +398,26 @@ def markdown_counts(text):
                            "__": len(re.findall(r"__[^_\n]+__", text))}}
 
 
+def parsed(row, template):
+    """False when a generated row's answer is the whole-text fallback (rlmt.chat.parseable: e.g. cut off while
+    thinking, no `</think>`), so that "answer" holds the thought; True for rows without a text (--reference)."""
+    return "text" not in row or chat.parseable(row["text"], template)
+
+
+def check_wildbench(rows, raw, path):
+    """Why `path` cannot be exported for WildBench (None when it can): WildBench pairs answers with its
+    questions by position and stops at any session_id mismatch, so only its full question file, in its order,
+    gives a usable export."""
+    missing = sum(raw[r["id"]].get("session_id") is None for r in rows)
+    if missing or len(rows) < WILDBENCH_QUESTIONS:
+        return (f"--export wildbench needs the full WildBench question file ({WILDBENCH_QUESTIONS} rows with "
+                f"session_id, in the benchmark's order); {path} has {len(rows)} rows, {missing} without session_id")
+    return None
+
+
 def export(fmt, name, rows, raw, tokenizer, args, template=None):
-    """Write the answers (thought stripped) in a harness's own format -> the file's path.
+    """Write the answers (thought stripped) in a harness's own format -> the file's path. A row whose answer did
+    not parse (`parsed` False) is exported as "" rather than as its text, which would be the thought.
 
     alpaca_eval  AlpacaEval 2 (github.com/tatsu-lab/alpaca_eval): `alpaca_eval --model_outputs FILE` reads a
                  JSON list of {"instruction", "output", "generator"} (+ "dataset" when the prompt row has
@@ -409,10 +431,13 @@ def export(fmt, name, rows, raw, tokenizer, args, template=None):
                  recomputes it. (v0.1 used {"question_id", "model_id", "choices"}; not written.)
     wildbench    WildBench (github.com/allenai/WildBench): copy to result_dirs/wild_bench_v2/{name}.json,
                  a JSON list of {"session_id", "chat_history", "model_input", "output": [text], "generator",
-                 "configs", "dataset"}; its evaluation matches by session_id and reads output[0].
+                 "configs", "dataset"}, one per question in the question file's order: its evaluation pairs
+                 them with the questions by position, stops at a session_id mismatch, and reads output[0]
+                 (main checks the prompt file with check_wildbench before generating).
     The question ids are the prompt rows' uid / session_id when present, else their id; `template` (unset:
     --template) is the generator's, for the new-token budget recorded in WildBench's configs."""
     safe = re.sub(r"[^\w.-]+", "_", name)
+    rows = [r if parsed(r, template or args.template) else {**r, "answer": ""} for r in rows]
     gen = {"temperature": args.temperature, "top_p": args.top_p,
            "max_tokens": generation_settings(args, template or args.template)[0]}
     if fmt == "alpaca_eval":
@@ -478,6 +503,9 @@ def write_report(path, res):
         lines.append(f"| {name} | {show(t['format_rate'], True)} | {show(t['cut_at_max_tokens'], True)} | "
                      + " | ".join(mm(t[k]) for k in ("thought_tokens", "answer_tokens", "thought_words",
                                                      "answer_words")) + " |")
+    for name, u in res["unparsable"].items():
+        lines += ["", f"**{name}: {u['n']} answers did not parse** (no template delimiter, e.g. cut off while "
+                     f"thinking), exported as empty answers" + (f": {', '.join(u['ids'])}" if u["ids"] else "") + "."]
     if res["plot"]:
         lines += ["", f"![thought and answer lengths]({os.path.basename(res['plot'])})"]
     if res["exports"]:
@@ -495,6 +523,8 @@ def main(argv=None):
         raw = {r["id"]: rec for r, (_, rec) in zip(rows, data.read_records(args.prompts))}
     except data.DataError as e:
         fail(e)
+    if "wildbench" in args.exports and (problem := check_wildbench(rows, raw, args.prompts)):
+        fail(problem)
     repeated = next(((i, c) for i, c in Counter(r["id"] for r in rows).items() if c > 1), None)
     if repeated:  # answers, judgements and exports are keyed by id
         fail(f"{args.prompts}: ids must be unique; {repeated[0]!r} appears {repeated[1]} times")
@@ -533,12 +563,14 @@ def main(argv=None):
     thinking, counts = {}, {}
     for n, rs in ([(name, model_rows)] + ([(ref_name, ref_rows)] if ref_rows else [])):
         thinking[n], counts[n] = thinking_stats(rs, tokenizer)
+    unparsable = {n: [r["id"] for r in rs if not parsed(r, templates[n])] for n, rs in generated.items()}
     generation = {n: dict(zip(("template", "max_new_tokens", "stop"), (t, *generation_settings(args, t))))
                   for n, t in templates.items()}
     res = {"model": name, "reference": ref_name, "n_prompts": len(rows),
            "settings": {k: v for k, v in vars(args).items() if k not in ("exports", "judge_kind")},
            "generation": generation,
            "thinking": thinking, "judge": None, "exports": {},
+           "unparsable": {n: {"n": len(ids), "ids": ids} for n, ids in unparsable.items()},
            "plot": plot_lengths(counts, os.path.join(args.out, "thinking_lengths.png"))}
 
     # --- judge

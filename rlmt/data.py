@@ -1,10 +1,14 @@
 """Prompt, preference and SFT files; left-truncation; padding and the loss masks.
 
-Files are JSONL (one object a line) or one JSON array. Every row is checked before any model is
-loaded, and a bad row gets one message naming the file, the line (or array index) and the problem.
+Files are JSONL (one object a line), one JSON array, or Parquet (verl's format; needs pyarrow). Every
+row is checked before any model is loaded, and a bad row gets one message naming the file, the line
+(or array index, or Parquet row) and the problem.
 
 Rows:
-  prompts      {"id", "messages": [{"role", "content"}, ...]}   or "prompt": str | message list
+  prompts      {"id", "messages": [{"role", "content"}, ...]}   or "prompt": str | message list; the
+               benchmarks' own question files load as they are: AlpacaEval {"instruction": str},
+               Arena-Hard v2 {"uid", "prompt": str}, WildBench {"session_id", "conversation_input": messages},
+               verl Parquet {"prompt": messages, ...}; other fields are ignored here
   preferences  {"id", "prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
   sft          {"id", "messages": [..., {"role": "assistant", "content"}]}
 
@@ -12,6 +16,7 @@ Masks (the one convention, DESIGN.md): 1 on response tokens up to and including 
 prompt and padding. They are built from lengths, never from `ids != pad_id` (pad is often EOS).
 """
 
+import codecs
 import json
 import os
 
@@ -28,14 +33,41 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- reading and validation
 
+def _read_parquet(path):
+    """[(where, record)] of a Parquet file, one per table row in file order; pyarrow is imported only here."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    try:
+        items = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    return [(f"{path}[row {i}]", x) for i, x in enumerate(items)]
+
+
+def _decode(path, raw):
+    """UTF-8 text of a file's bytes (a byte-order mark dropped); a bad byte is reported by line and column."""
+    raw = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno, column = raw.count(b"\n", 0, e.start) + 1, e.start - raw.rfind(b"\n", 0, e.start)
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column})") from None
+
+
 def read_records(path):
-    """[(where, record dict)] from a JSONL file or a JSON array; `where` is "file:line" or "file[index]"."""
+    """[(where, record dict)] from a JSONL file, a JSON array or a Parquet file (by its `.parquet` name or
+    its PAR1 magic bytes), in file order; `where` is "file:line", "file[index]" or "file[row i]"."""
     path = str(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
-        text = f.read()
-    if text.lstrip().startswith("["):
+    with open(path, "rb") as f:
+        raw = f.read()
+    text = None if path.endswith(".parquet") or raw.startswith(b"PAR1") else _decode(path, raw)
+    if text is None:
+        records = _read_parquet(path)
+    elif text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
@@ -86,9 +118,9 @@ def _require(where, rec, *fields):
 
 
 def _prompt(where, rec, field):
-    """A message list ending with a user turn; "prompt" may also be a string (one user turn)."""
+    """A message list ending with a user turn; "prompt" or "instruction" may also be a string (one user turn)."""
     value = rec[field]
-    if field == "prompt" and isinstance(value, str):
+    if field in ("prompt", "instruction") and isinstance(value, str):
         value = [{"role": "user", "content": value}]
     return _messages(where, field, value, "user")
 
@@ -104,18 +136,26 @@ def _completion(where, rec, field):
     return _messages(where, field, value, "assistant")[-1]["content"]
 
 
-def _id(rec, path, index):
-    return str(rec["id"]) if rec.get("id") is not None else f"{os.path.splitext(os.path.basename(path))[0]}-{index}"
+def _id(rec, path, index, keys=("id",)):
+    """The first of `keys` the row has, else "{file name}-{index}"."""
+    key = next((k for k in keys if rec.get(k) is not None), None)
+    return str(rec[key]) if key else f"{os.path.splitext(os.path.basename(path))[0]}-{index}"
+
+
+# ours (and verl's, Arena-Hard's "prompt"), WildBench's, AlpacaEval's
+PROMPT_FIELDS = ("messages", "prompt", "conversation_input", "instruction")
 
 
 def load_prompts(path):
-    """[{"id", "messages"}] from "messages" or "prompt" (a string or a message list); last turn is user."""
+    """[{"id", "messages"}] in file order, from the first of PROMPT_FIELDS a row has ("prompt" and
+    "instruction" may be a string); the last turn is a user turn. The id is "id", else the benchmarks'
+    "uid" (Arena-Hard) or "session_id" (WildBench), else the file name and row index."""
     rows = []
     for i, (where, rec) in enumerate(read_records(path)):
-        field = "messages" if "messages" in rec else "prompt" if "prompt" in rec else None
+        field = next((f for f in PROMPT_FIELDS if f in rec), None)
         if field is None:
-            raise DataError(f'{where}: missing field "messages" (or "prompt")')
-        rows.append({"id": _id(rec, str(path), i), "messages": _prompt(where, rec, field)})
+            raise DataError(f'{where}: missing field "messages" (or "prompt", "conversation_input", "instruction")')
+        rows.append({"id": _id(rec, str(path), i, ("id", "uid", "session_id")), "messages": _prompt(where, rec, field)})
     return rows
 
 

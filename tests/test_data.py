@@ -9,6 +9,8 @@ import torch
 from rlmt import chat, data
 from conftest import SHARED_PROMPTS
 
+SHARED_PARQUET = os.path.join(os.path.dirname(SHARED_PROMPTS), "train.parquet")
+
 
 def write(tmp_path, name, text):
     path = tmp_path / name
@@ -53,6 +55,48 @@ def test_read_records_errors(tmp_path, name, text, message):
         data.read_records(write(tmp_path, name, text))
 
 
+def test_invalid_utf8_names_file_line_and_column(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"x": 1}\n{"x": "caf\xe9"}\n')
+    with pytest.raises(data.DataError) as e:
+        data.read_records(str(p))
+    assert str(e.value) == f"{p}:2: not valid UTF-8 (byte 0xe9 at column 11)"
+
+
+def parquet(tmp_path, name, rows):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    path = str(tmp_path / name)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_read_records_parquet(tmp_path):
+    rows = [{"id": "b", "prompt": [U]}, {"id": "a", "prompt": [U | {"content": "Yo"}]}]
+    p = parquet(tmp_path, "p.parquet", rows)
+    assert data.read_records(p) == [(f"{p}[row 0]", rows[0]), (f"{p}[row 1]", rows[1])]
+    os.rename(p, str(tmp_path / "p.bin"))  # found by its PAR1 magic bytes too
+    assert [r["id"] for r in data.load_prompts(str(tmp_path / "p.bin"))] == ["b", "a"]
+
+
+def test_parquet_errors(tmp_path, monkeypatch):
+    bad = write(tmp_path, "bad.parquet", "PAR1 this is not parquet")
+    with pytest.raises(data.DataError, match="bad.parquet: not a readable Parquet file"):
+        data.read_records(bad)
+    p = parquet(tmp_path, "p.parquet", [{"prompt": "x"}])
+    real_import = __import__
+
+    def no_pyarrow(name, *a, **kw):
+        if name.startswith("pyarrow"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr("builtins.__import__", no_pyarrow)
+    with pytest.raises(data.DataError) as e:
+        data.read_records(p)
+    assert str(e.value) == f"reading {p} needs pyarrow: pip install pyarrow"
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(data.DataError, match="nope.jsonl: no such file"):
         data.load_prompts(str(tmp_path / "nope.jsonl"))
@@ -77,7 +121,7 @@ def test_load_prompts_forms(tmp_path):
 
 
 @pytest.mark.parametrize("row,message", [
-    ({"id": "x"}, 'prompts.jsonl:2: missing field "messages" (or "prompt")'),
+    ({"id": "x"}, 'prompts.jsonl:2: missing field "messages" (or "prompt", "conversation_input", "instruction")'),
     ({"messages": []}, 'prompts.jsonl:2: "messages" must be a non-empty list'),
     ({"messages": "Hi"}, 'prompts.jsonl:2: "messages" must be a non-empty list'),
     ({"prompt": 5}, 'prompts.jsonl:2: "prompt" must be a non-empty list'),
@@ -93,6 +137,34 @@ def test_load_prompts_errors(tmp_path, row, message):
     with pytest.raises(data.DataError) as e:
         data.load_prompts(p)
     assert str(e.value).startswith(p) and message in str(e.value), str(e.value)
+
+
+def test_load_prompts_benchmark_question_files(tmp_path):
+    """The official question files as they are: AlpacaEval, WildBench, Arena-Hard v2, verl Parquet; file order."""
+    alpaca = write(tmp_path, "alpaca_eval.json", json.dumps(
+        [{"instruction": "Q2", "dataset": "helpful_base", "output": "x", "generator": "gpt4"}, {"instruction": "Q1"}]))
+    assert data.load_prompts(alpaca) == [{"id": "alpaca_eval-0", "messages": [U | {"content": "Q2"}]},
+                                         {"id": "alpaca_eval-1", "messages": [U | {"content": "Q1"}]}]
+    wb = jsonl(tmp_path, "wildbench.jsonl", [
+        {"session_id": "s9", "conversation_input": [{"role": "user", "content": "Hi", "language": "English",
+                                                     "turn_identifier": 1}, A, U], "primary_tag": "Math"},
+        {"session_id": "s1", "conversation_input": [U], "checklist": ["a"]}])
+    assert data.load_prompts(wb) == [{"id": "s9", "messages": [U, A, U]}, {"id": "s1", "messages": [U]}]
+    arena = jsonl(tmp_path, "question.jsonl", [{"uid": "u2", "category": "hard_prompt", "prompt": "Hi"},
+                                               {"uid": "u1", "category": "creative_writing", "prompt": "Hi"}])
+    assert [r["id"] for r in data.load_prompts(arena)] == ["u2", "u1"]
+    verl = parquet(tmp_path, "train.parquet", [
+        {"data_source": "wildchat-if", "prompt": [U], "ability": "chat", "reward_model": {"style": "model"},
+         "extra_info": {"index": i, "split": "train"}} for i in range(3)])
+    assert data.load_prompts(verl) == [{"id": f"train-{i}", "messages": [U]} for i in range(3)]
+
+
+@pytest.mark.skipif(not (os.path.exists(SHARED_PARQUET) and os.path.exists(SHARED_PROMPTS)),
+                    reason="shared prompt files not present")
+def test_shared_parquet_matches_jsonl():
+    pytest.importorskip("pyarrow")
+    assert [r["messages"] for r in data.load_prompts(SHARED_PARQUET)] == \
+        [r["messages"] for r in data.load_prompts(SHARED_PROMPTS)]
 
 
 def test_load_prompts_array_bad_element(tmp_path):

@@ -297,13 +297,13 @@ def test_zero_generation_stops_at_response_close(llama_dir, tmp_path, monkeypatc
 @pytest.fixture(scope="module")
 def run1(llama_dir, llama_rm_dir, tmp_path_factory):
     """The model against itself as a generated baseline (same seeds: the same answers), judged by the tiny
-    reward model, all three exports."""
+    reward model, exported for AlpacaEval and Arena-Hard (WildBench needs its full question file)."""
     tmp = tmp_path_factory.mktemp("eval")
     prompts = write_jsonl(tmp / "prompts.jsonl", PROMPTS)
     out = str(tmp / "run1")
     argv = ["--model", llama_dir, "--baseline", llama_dir, "--prompts", prompts, "--out", out, "--template", "think",
             "--max-new-tokens", "12", "--judge", f"rm:{llama_rm_dir}", "--bootstrap", "200",
-            "--export", "alpaca_eval,arena_hard,wildbench"]
+            "--export", "alpaca_eval,arena_hard"]
     return ev.main(argv), out, argv, tmp
 
 
@@ -336,20 +336,82 @@ def test_generates_judges_and_reports(run1):
 def test_exports_in_the_harness_formats(run1):
     res, out, _, _ = run1
     rows = {r["id"]: r for r in read_jsonl(os.path.join(out, "model.jsonl"))}
-    assert set(res["exports"]) == {f"{f}/{n}" for f in ev.EXPORTS for n in ("llama", "llama-baseline")}
+    # 12 tokens of a random model: most thoughts never close; those export as "" and are counted and listed
+    unparsed = [i for i, r in rows.items() if not chat.parseable(r["text"], "think")]
+    answer = {i: "" if i in unparsed else r["answer"] for i, r in rows.items()}
+    assert res["unparsable"]["llama"] == {"n": len(unparsed), "ids": unparsed}
+    assert f"llama: {len(unparsed)} answers did not parse" in open(os.path.join(out, "report.md")).read()
+    assert set(res["exports"]) == {f"{f}/{n}" for f in ("alpaca_eval", "arena_hard") for n in ("llama", "llama-baseline")}
     alpaca = json.load(open(res["exports"]["alpaca_eval/llama"]))
-    assert alpaca[0] == {"instruction": "Why is the sky blue?", "output": rows["a"]["answer"], "generator": "llama",
+    assert alpaca[0] == {"instruction": "Why is the sky blue?", "output": answer["a"], "generator": "llama",
                          "dataset": "helpful_base"}
     assert alpaca[2]["instruction"] == "Write a short poem about a river." and "dataset" not in alpaca[1]
+    assert [a["output"] for a in alpaca] == list(answer.values())
     arena = read_jsonl(res["exports"]["arena_hard/llama"])
     assert arena[0]["uid"] == "a" and arena[1]["uid"] == "q-17" and arena[0]["model"] == "llama"
     assert arena[0]["messages"] == [{"role": "user", "content": "Why is the sky blue?"},
-                                    {"role": "assistant", "content": {"answer": rows["a"]["answer"]}}]
+                                    {"role": "assistant", "content": {"answer": answer["a"]}}]
     assert isinstance(arena[0]["metadata"]["token_len"], int) and "bold_count" in arena[0]["metadata"]
     assert res["exports"]["arena_hard/llama"].endswith(os.path.join("model_answer", "llama.jsonl"))
+
+
+class WordTok:
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [t.split() for t in texts]}
+
+
+def wildbench_rows(n):
+    """n WildBench questions (session ids out of sorted order) as load_prompts reads them, with their raw rows."""
+    raw = [{"session_id": f"s{(7 * i) % n}", "conversation_input": [{"role": "user", "content": f"q{i}",
+                                                                      "language": "English"}], "primary_tag": "Math"}
+           for i in range(n)]
+    rows = [{"id": r["session_id"], "messages": [{"role": "user", "content": r["conversation_input"][0]["content"]}]}
+            for r in raw]
+    return rows, {r["session_id"]: r for r in raw}
+
+
+def test_wildbench_export_keeps_the_question_order_and_blanks_unparsed_answers(tmp_path):
+    rows, raw = wildbench_rows(5)
+    for i, r in enumerate(rows):  # row 2 was cut off while thinking: its "answer" is the whole text
+        r["text"] = "<think>\nstill planning" if i == 2 else f"<think>\nplan\n</think>\nanswer {i}"
+        r["thought"], r["answer"], r["format_ok"] = chat.split_answer(r["text"], "think", last=True)
+    args = ev.parse_args(["--model", "m", "--prompts", "p", "--out", str(tmp_path), "--template", "think"])
+    wb = json.load(open(ev.export("wildbench", "m", rows, raw, WordTok(), args)))
+    assert [w["session_id"] for w in wb] == [r["id"] for r in rows] == ["s0", "s2", "s4", "s1", "s3"]
+    assert [w["output"] for w in wb] == [["answer 0"], ["answer 1"], [""], ["answer 3"], ["answer 4"]]
+    assert wb[1]["chat_history"] == ["q1"] and wb[0]["primary_tag"] == "Math" and wb[0]["generator"] == "m"
+    for fmt in ("alpaca_eval", "arena_hard"):
+        body = open(ev.export(fmt, "m", rows, raw, WordTok(), args)).read()
+        assert "still planning" not in body and "answer 4" in body
+
+
+def test_wildbench_needs_its_full_question_file():
+    rows, raw = wildbench_rows(ev.WILDBENCH_QUESTIONS)
+    assert ev.WILDBENCH_QUESTIONS == 1024 and ev.check_wildbench(rows, raw, "wb.json") is None
+    message = ev.check_wildbench(rows[:10], raw, "wb.json")
+    assert "needs the full WildBench question file (1024 rows" in message and "wb.json has 10 rows, 0 without" in message
+    raw = {**raw, "s5": {k: v for k, v in raw["s5"].items() if k != "session_id"}}
+    assert "has 1024 rows, 1 without session_id" in ev.check_wildbench(rows, raw, "wb.json")
+
+
+def test_wildbench_question_file_end_to_end(llama_dir, tmp_path, monkeypatch):
+    """A WildBench-format question file (smaller limit for speed): exported in its order, unparsed answers
+    blank, counted and listed in results.json and report.md."""
+    monkeypatch.setattr(ev, "WILDBENCH_QUESTIONS", 3)
+    _, raw = wildbench_rows(3)
+    prompts = tmp_path / "wb.json"
+    prompts.write_text(json.dumps(list(raw.values())))
+    res = ev.main(["--model", llama_dir, "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--template",
+                   "think", "--max-new-tokens", "4", "--export", "wildbench"])
+    rows = read_jsonl(tmp_path / "o" / "model.jsonl")
+    unparsed = [r["id"] for r in rows if not chat.parseable(r["text"], "think")]
+    assert [r["id"] for r in rows] == ["s0", "s1", "s2"] and unparsed  # 4 tokens: no `</think>`
+    assert res["unparsable"] == {"llama": {"n": len(unparsed), "ids": unparsed}}
+    assert json.load(open(tmp_path / "o" / "results.json"))["unparsable"] == res["unparsable"]
+    assert f"llama: {len(unparsed)} answers did not parse" in open(tmp_path / "o" / "report.md").read()
     wb = json.load(open(res["exports"]["wildbench/llama"]))
-    assert wb[1]["session_id"] == "s-17" and wb[1]["output"] == [rows["b"]["answer"]]
-    assert wb[2]["chat_history"] == ["Write a short poem about a river."] and wb[0]["generator"] == "llama"
+    assert [w["session_id"] for w in wb] == ["s0", "s1", "s2"]
+    assert [w["output"] for w in wb] == [["" if r["id"] in unparsed else r["answer"]] for r in rows]
 
 
 def test_exports_strip_the_thought(tmp_path):
@@ -357,13 +419,8 @@ def test_exports_strip_the_thought(tmp_path):
     thought, answer, ok = chat.split_answer(text, "think", last=True)
     rows = [{"id": "x", "messages": [{"role": "user", "content": "q"}], "thought": thought, "answer": answer}]
     args = ev.parse_args(["--model", "m", "--prompts", "p", "--out", str(tmp_path)])
-
-    class Tok:
-        def __call__(self, texts, add_special_tokens=False):
-            return {"input_ids": [t.split() for t in texts]}
-
     for fmt in ev.EXPORTS:
-        path = ev.export(fmt, "m", rows, {"x": {}}, Tok(), args)
+        path = ev.export(fmt, "m", rows, {"x": {}}, WordTok(), args)
         body = open(path).read()
         assert "The answer." in body and "plan A" not in body and "</think>" not in body
 
@@ -453,13 +510,17 @@ def free_port():
     (["--baseline", "/no/such/model"], "--baseline: model '/no/such/model': no such folder"),
     (["--reference", "REF"], "no answer for 1 of 2 prompts (e.g. id 'b')"),
     (["--prompts", "DUP"], "ids must be unique; 'a' appears 2 times"),
+    (["--export", "wildbench"], "needs the full WildBench question file (1024 rows with session_id, in the "
+                                "benchmark's order); PROMPTS has 2 rows, 1 without session_id"),
+    (["--out", "REF"], "--out REF: exists and is not a folder"),
 ])
 def test_clear_one_line_errors(extra, message, llama_dir, llama_rm_dir, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2])
     write_jsonl(tmp_path / "ref.jsonl", [{"id": "a", "answer": "x"}])
     write_jsonl(tmp_path / "dup.jsonl", [PROMPTS[0], PROMPTS[0]])
     subs = {"MISSING": str(tmp_path / "missing.jsonl"), "MODEL": llama_dir, "RM": llama_rm_dir,
-            "REF": str(tmp_path / "ref.jsonl"), "DUP": str(tmp_path / "dup.jsonl"), "PORT": str(free_port())}
+            "REF": str(tmp_path / "ref.jsonl"), "DUP": str(tmp_path / "dup.jsonl"), "PORT": str(free_port()),
+            "PROMPTS": prompts}
     argv = ["--model", llama_dir, "--prompts", prompts, "--out", str(tmp_path / "o")] + extra
     argv = [next((a.replace(k, v) for k, v in subs.items() if k in a), a) for a in argv]
     with pytest.raises(SystemExit) as e:
@@ -467,5 +528,7 @@ def test_clear_one_line_errors(extra, message, llama_dir, llama_rm_dir, tmp_path
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("eval.py: error: ")
-    assert message.replace("MISSING", subs["MISSING"]) in err
+    for k in ("MISSING", "PROMPTS", "REF"):
+        message = message.replace(k, subs[k])
+    assert message in err
     assert not os.path.exists(tmp_path / "o" / "model.jsonl")  # failed before generating anything
