@@ -76,6 +76,7 @@ p.add_argument("--seed", type=int, default=0, help="seed for data order and samp
 p.add_argument("--stop-after", type=int, help="end this run after step N, saving (the lr schedule still spans "
                "the whole run; --resume continues it), e.g. to fit a job time limit")
 cli.add_checkpoint_args(p, save_every=50)  # --save-every --keep-last --resume --dist-timeout: as in GRPO and PPO
+cli.add_log_args(p)  # --wandb: as in GRPO and PPO
 p.add_argument("--demo", action="store_true", help="tiny offline CPU demo (builds its own model and pairs)")
 args = p.parse_args()
 
@@ -216,6 +217,7 @@ skipped = optim.SkippedSteps(args.max_skipped_steps)
 # after the reference pass: that one needed the starting weights
 start, skipped.total = cli.resume(args, resume_from, {"policy": policy}, {"policy": opt})
 tb = log.tensorboard(args.out) if dist.is_main() else None
+wb = log.wandb(args) if dist.is_main() else None  # --wandb PROJECT, else None
 preemption = checkpoint.Preemption(device)  # SIGTERM: save at the end of the step, exit 0
 
 
@@ -272,7 +274,7 @@ for step in bar:
     metrics = log.reduce_metrics(metrics)
     metrics["lr"] = lr
     if dist.is_main():
-        log.log_step(args.out, step + 1, metrics, (), tb)
+        log.log_step(args.out, step + 1, metrics, (), tb, wb)
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", margin=f"{metrics['reward_margin']:.3g}",
                         acc=f"{metrics['reward_accuracy']:.2f}", lr=f"{lr:.3g}",
                         tok_s=f"{metrics['train_tokens_per_s']:.3g}")
@@ -296,4 +298,6 @@ if dist.is_main():
     latest = os.path.join(args.out, checkpoint.LATEST)
     print(f"metrics: {os.path.join(args.out, 'metrics.jsonl')}\npolicy:  {os.path.join(latest, 'policy')}"
           f"\nstate:   {os.path.join(latest, 'state')}" + (f"\nplot:    {plot}" if plot else ""))
+if wb is not None:
+    wb.finish()
 dist.cleanup()

@@ -108,6 +108,7 @@ resume_from = cli.resume_state(args)  # None: start fresh (also --resume auto in
 skipped = optim.SkippedSteps(args.max_skipped_steps)
 start, skipped.total = cli.resume(args, resume_from, models, optimizers)
 tb = log.tensorboard(args.out) if dist.is_main() else None
+wb = log.wandb(args) if dist.is_main() else None  # --wandb PROJECT, else None
 preemption = checkpoint.Preemption(device)  # SIGTERM: save at the end of the step, exit 0
 
 
@@ -216,7 +217,7 @@ for step in bar:
     metrics = log.reduce_metrics(metrics)
     metrics.update(lr=args.lr, critic_lr=args.critic_lr)
     if dist.is_main():
-        log.log_step(args.out, step + 1, metrics, rollout.sample_rows(ro, args.samples_per_step), tb)
+        log.log_step(args.out, step + 1, metrics, rollout.sample_rows(ro, args.samples_per_step), tb, wb)
         bar.set_postfix(log.progress_postfix(metrics))
     skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
 
@@ -235,4 +236,6 @@ if dist.is_main():
     latest = os.path.join(args.out, checkpoint.LATEST)
     log.report(args.out, policy=os.path.join(latest, "policy"), critic=os.path.join(latest, "critic"),
                state=os.path.join(latest, "state"))
+if wb is not None:
+    wb.finish()
 dist.cleanup()

@@ -13,8 +13,10 @@ A flag lives here only if it means the same thing in every script that has it.
 
 import argparse
 import datetime
+import importlib.util
 import os
 import sys
+import traceback
 
 import torch
 
@@ -79,7 +81,15 @@ def add_common_args(p):
     p.add_argument("--samples-per-step", type=int, default=4, help="rows written to samples.jsonl each step")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
     add_checkpoint_args(p, save_every=45)  # the paper's schedule: every 45 steps, each export kept (135 of 234)
+    add_log_args(p)
     p.add_argument("--demo", action="store_true", help="tiny offline CPU demo (builds its own model and data)")
+
+
+def add_log_args(p):
+    """The logging flags of every trainer (GRPO, PPO, SFT, DPO); metrics.jsonl and TensorBoard need none."""
+    p.add_argument("--wandb", metavar="PROJECT",
+                   help="also log each step's metrics and the run's flags to this Weights & Biases project "
+                        "(rank 0; needs `pip install wandb`)")
 
 
 def _positive_int(text):
@@ -260,6 +270,8 @@ def memory_check(args, p, kind):
     decision, in steps of 1,024 up to MAX_MICRO_BATCH_TOKENS (at least the longest unit, which a
     micro-batch must hold whole). On the CPU: CPU_MICRO_BATCH_TOKENS."""
     from rlmt import memory
+    check_outputs(args, p)  # every trainer passes here first: the checks of what it writes come with it
+    sys.excepthook = reward_fn_crash_hook(args.out, getattr(sys.excepthook, "default", sys.excepthook))
     paper_defaults(args, kind)
     cuda = torch.cuda.is_available()
     if not args.plan and not cuda:  # the CPU: tiny models, nothing to plan
@@ -308,6 +320,43 @@ def memory_check(args, p, kind):
               + f" GiB of {plan.budget / memory.GiB:.1f} per GPU"
               + (f"; KV cache {plan.slots} slots" if plan.slots else ""))
     return ckpt
+
+
+def check_outputs(args, p):
+    """--out must be a folder (or not exist yet; DPO's --build-pairs may name the pairs .jsonl file), and
+    --wandb needs wandb installed: both said now, not after the models have loaded."""
+    pairs_file = getattr(args, "build_pairs", False) and args.out.endswith(".jsonl")
+    if os.path.isfile(args.out) and not pairs_file:
+        p.error(f"--out {args.out} is a file; it must be a folder (or a path that does not exist yet)")
+    if getattr(args, "wandb", None) and importlib.util.find_spec("wandb") is None:
+        p.error("--wandb needs wandb: pip install wandb")
+
+
+def reward_fn_crash(out, e):
+    """A --reward-fn that raised (reward.RewardFnError `e`) -> the one line to print; its full traceback is
+    written to OUT/error.log (error.rank<N>.log on the other ranks), which the line names."""
+    rank = int(os.environ.get("RANK", 0))
+    folder = os.path.dirname(os.path.abspath(out)) if out.endswith(".jsonl") else out  # DPO's pairs file
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "error.log" if rank == 0 else f"error.rank{rank}.log")
+    with open(path, "w") as f:
+        f.write("".join(traceback.format_exception(e)))  # the chain: the user's traceback first
+    at = f" at step {e.step}" if e.step is not None else ""
+    return f"error: reward function {e.spec!r} raised{at}: {e} (traceback in {path})"
+
+
+def reward_fn_crash_hook(out, default):
+    """A sys.excepthook: a failing --reward-fn, raised from deep in a rollout, ends the run with
+    reward_fn_crash's one line instead of a traceback through rlmt; anything else goes to `default`.
+    A hook rather than a try in each trainer's loop: the error can come from any rollout (training,
+    validation, DPO's pair sampling), and the exit status stays 1."""
+    def hook(kind, e, tb):
+        if isinstance(e, reward.RewardFnError):
+            print(reward_fn_crash(out, e), file=sys.stderr)
+        else:
+            default(kind, e, tb)
+    hook.default = default  # a second memory_check in one process replaces this hook instead of stacking
+    return hook
 
 
 def paper_defaults(args, kind):

@@ -72,15 +72,18 @@ def _step_of(line):
         return math.inf
 
 
-def log_step(out_dir, step, metrics, samples=(), tb=None):
-    """Append one metrics line (and this step's sample rows); mirror scalars to TensorBoard if open."""
+def log_step(out_dir, step, metrics, samples=(), tb=None, wb=None):
+    """Append one metrics line (and this step's sample rows); mirror the scalars to TensorBoard (`tb`) and
+    Weights & Biases (`wb`, a wandb run) when open."""
     _append_jsonl(os.path.join(out_dir, "metrics.jsonl"), [{"step": step, **metrics}])
     if samples:
         _append_jsonl(os.path.join(out_dir, "samples.jsonl"), [{"step": step, **s} for s in samples])
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     if tb is not None:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                tb.add_scalar(k, v, step)
+        for k, v in scalars.items():
+            tb.add_scalar(k, v, step)
+    if wb is not None:
+        wb.log(scalars, step=step)
 
 
 def tensorboard(out_dir):
@@ -90,6 +93,16 @@ def tensorboard(out_dir):
     except Exception:
         return None
     return SummaryWriter(os.path.join(out_dir, "tb"))
+
+
+def wandb(args):
+    """A Weights & Biases run for --wandb PROJECT (rank 0 only, as tensorboard), its config the run's flags;
+    None without the flag. wandb is imported only then: it is optional and slow to import."""
+    if not getattr(args, "wandb", None):
+        return None
+    import wandb as wb  # cli.check_outputs has said so if it is not installed
+    return wb.init(project=args.wandb, dir=args.out, name=os.path.basename(os.path.normpath(args.out)),
+                   config=vars(args))
 
 
 def read_metrics(out_dir):

@@ -226,6 +226,15 @@ class RewardModel:
 
 # --- rule rewards --------------------------------------------------------------------------------------
 
+class RewardFnError(RuntimeError):
+    """A --reward-fn raised. `spec` names it, `step` is the step it failed at (set by rollout.on_policy;
+    None outside a training step), the original exception is __cause__ with its traceback."""
+
+    def __init__(self, spec, error):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.spec, self.step = spec, None
+
+
 def load_reward_fn(spec):
     """A rule reward from "package.module:function" or "path/to/file.py:function".
 
@@ -256,7 +265,10 @@ def load_reward_fn(spec):
         raise AttributeError(f"reward function {spec!r}: {where} has no function {fname!r}")
 
     def reward_fn(prompts, answers):
-        out = fn(list(prompts), list(answers))
+        try:
+            out = fn(list(prompts), list(answers))
+        except Exception as e:  # the user's code failed: say whose, keep the traceback (cli.reward_fn_crash)
+            raise RewardFnError(spec, e) from e
         if isinstance(out, torch.Tensor) or hasattr(out, "tolist"):
             out = out.tolist()
         if not isinstance(out, (list, tuple)) or len(out) != len(answers):

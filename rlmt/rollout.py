@@ -112,7 +112,11 @@ def on_policy(policy, tokenizer, rows, *, step, first, seed, **kw):
     `first` is the index of rows[0] among the step's prompts across all ranks; each prompt's random stream
     is keyed by (seed, step, that index), so 1 rank and N ranks draw the same samples. kw: rollout's."""
     seeds = [(seed << 40) + (step << 20) + first + i for i in range(len(rows))]
-    return rollout(policy, tokenizer, rows, seed=seeds, **kw)
+    try:
+        return rollout(policy, tokenizer, rows, seed=seeds, **kw)
+    except reward.RewardFnError as e:
+        e.step = step + 1  # the step as metrics.jsonl counts it; the trainer's crash report names it
+        raise
 
 
 def validate(policy, tokenizer, eval_rows, *, step, seed, rank=0, world=1, **kw):
