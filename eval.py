@@ -26,7 +26,7 @@ Judges (the statistics live in rlmt.judge):
 Both report the win rate and the paper's length-controlled win rate, each with a 95% bootstrap interval.
 
 Written to DIR: results.json (every figure), report.md, judgments.jsonl (one line a prompt),
-thinking_lengths.png (when matplotlib is installed) and export/ (see `export` below).
+thinking_lengths.png (when matplotlib is installed) and export/ (the formats: rlmt.exports.export).
 """
 
 import argparse
@@ -36,27 +36,20 @@ import os
 import re
 import sys
 import threading
-import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-import numpy as np
 import torch
 
-from rlmt import chat, data, judge, sampler
-from rlmt.model import from_pretrained, resolve_path
-from sample import response_text, write_jsonl
+from rlmt import chat, data, exports, judge, sampler
+from rlmt.api import response_text
+from rlmt.exports import FORMATS, read_jsonl, write_json, write_jsonl
+from rlmt.hub import resolve_path
+from rlmt.model import from_pretrained
 
-EXPORTS = ("alpaca_eval", "arena_hard", "wildbench")
-WILDBENCH_QUESTIONS = 1024  # WildBench v2: its evaluation pairs answers with these questions by position
 PROTOCOLS = ("both-orders", "alpaca-eval")
 # the paper's new-token budgets: a thought and its answer, or an answer alone
 MAX_NEW_TOKENS = {"thinking": 8192, "no-think": 4096}
-ANSWER_RULE = {"chat": "the whole text (after the last `</think>` when there is one)",
-               "chat-think": "the text after the last `</think>`", "think": "the text after the last `</think>`",
-               "zero": "the text after the first `<response>`, up to `</response>`",
-               "zero-nothink": "the text after the first `<response>`, up to `</response>`"}
 
 
 def fail(message):
@@ -70,7 +63,7 @@ def fail(message):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder, hub id or alias (rlmt.model.ALIASES)")
+    p.add_argument("--model", required=True, help="checkpoint folder, hub id or alias (rlmt.hub.ALIASES)")
     p.add_argument("--prompts", required=True,
                    help='benchmark prompts: JSONL, a JSON array or Parquet of {"id", "messages"} or {"id", "prompt"}, '
                         "or a benchmark's own question file (AlpacaEval, Arena-Hard v2, WildBench); extra fields "
@@ -114,7 +107,7 @@ def parse_args(argv=None):
                    help="HTTP judge: retries after a timeout, connection error, 429 or 5xx (backoff 1, 2, 4 s…)")
     p.add_argument("--judge-workers", type=int, default=8, help="HTTP judge: requests in flight at once")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    p.add_argument("--export", default="", help=f"comma-separated answer files to write: {','.join(EXPORTS)}")
+    p.add_argument("--export", default="", help=f"comma-separated answer files to write: {','.join(FORMATS)}")
     args = p.parse_args(argv)
     args.exports = [x.strip() for x in args.export.split(",") if x.strip()]
     args.judge_kind = None if not args.judge else "rm" if args.judge.startswith("rm:") and args.judge[3:] \
@@ -127,8 +120,8 @@ def parse_args(argv=None):
         (bool(args.baseline and args.reference), "give --baseline or --reference, not both"),
         (bool(args.judge and not (args.baseline or args.reference)),
          "--judge compares the model with a baseline: give --baseline or --reference"),
-        (bool(set(args.exports) - set(EXPORTS)),
-         f"unknown --export {sorted(set(args.exports) - set(EXPORTS))}; choose from {','.join(EXPORTS)}"),
+        (bool(set(args.exports) - set(FORMATS)),
+         f"unknown --export {sorted(set(args.exports) - set(FORMATS))}; choose from {','.join(FORMATS)}"),
         (args.temperature < 0, f"--temperature must be >= 0, got {args.temperature}"),
         (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
         (args.max_new_tokens is not None and args.max_new_tokens < 1,
@@ -146,28 +139,6 @@ def parse_args(argv=None):
 
 def folder_name(path):
     return os.path.basename(os.path.normpath(path))
-
-
-def write_json(path, obj):
-    """Written to a temporary name and renamed, so a crash leaves no half file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def read_jsonl(path):
-    """The rows of a JSONL file ([] when there is none); a line cut short by a crash is skipped, so its
-    answer is generated (or its judge request sent) again."""
-    rows = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    pass
-    return rows
 
 
 # --- generation ----------------------------------------------------------------------------------------
@@ -225,87 +196,6 @@ def generate(which, model_path, template, rows, args, device, dtype):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return [done[r["id"]] for r in rows]
-
-
-def load_reference(path, rows):
-    """Answers from an existing outputs file, matched to the prompts by id (or uid, session_id,
-    question_id), else by the last user turn (AlpacaEval's "instruction"). A `</think>` in an answer
-    without a separate thought is split off on the last one, as for generated answers."""
-    try:
-        records = [rec for _, rec in data.read_records(path)]
-    except data.DataError as e:
-        fail(f"--reference {e}")
-    by_id, by_text = {}, {}
-    for n, rec in enumerate(records):
-        answer = next((rec[k] for k in ("answer", "response", "output") if k in rec), None)
-        answer = answer[0] if isinstance(answer, list) and answer else answer
-        if not isinstance(answer, str):
-            fail(f'--reference {path}: record {n} has no "answer", "response" or "output" string')
-        thought, ok = rec.get("thought", ""), rec.get("format_ok")
-        if "thought" not in rec and chat.THINK_CLOSE in answer:
-            thought, answer, ok = chat.split_answer(answer, "chat", last=True)
-        row = {"generator": rec.get("generator") or rec.get("model") or os.path.splitext(folder_name(path))[0],
-               "thought": thought or "", "answer": answer, "format_ok": ok,
-               "num_tokens": rec.get("num_tokens"), "finish_reason": rec.get("finish_reason")}
-        for k in ("id", "uid", "session_id", "question_id"):
-            if rec.get(k) is not None:
-                by_id.setdefault(str(rec[k]), row)
-        if isinstance(rec.get("instruction"), str):
-            by_text.setdefault(rec["instruction"].strip(), row)
-    out, missing = [], []
-    for r in rows:
-        hit = by_id.get(r["id"]) or by_text.get(chat.user_turn(r["messages"]).strip())
-        if hit is None:
-            missing.append(r["id"])
-        out.append({"id": r["id"], "messages": r["messages"], **(hit or {})})
-    if missing:
-        fail(f"--reference {path}: no answer for {len(missing)} of {len(rows)} prompts (e.g. id {missing[0]!r}); "
-             "records are matched by id, uid, session_id or question_id, else by the instruction text")
-    return out
-
-
-# --- thinking statistics -------------------------------------------------------------------------------
-
-def thinking_stats(rows, tokenizer):
-    """Format rate, share cut at the length limit, thought and answer lengths in tokens (all counted with
-    the evaluated model's tokenizer, one ruler for every generator) and in words."""
-    def spread(values):
-        v = np.asarray(values, dtype=np.float64)
-        return {"mean": float(v.mean()), "median": float(np.median(v)), "p90": float(np.percentile(v, 90)),
-                "max": float(v.max())} if len(v) else None
-
-    def tokens(texts):
-        return [len(t) for t in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
-
-    counts = {f: tokens([r[f] for r in rows]) for f in ("thought", "answer")}
-    fmt = [bool(r["format_ok"]) for r in rows if r.get("format_ok") is not None]
-    cut = [r["finish_reason"] == "length" for r in rows if r.get("finish_reason")]
-    stats = {"n": len(rows), "format_rate": float(np.mean(fmt)) if fmt else None,
-             "cut_at_max_tokens": float(np.mean(cut)) if cut else None,
-             "thought_tokens": spread(counts["thought"]), "answer_tokens": spread(counts["answer"]),
-             "thought_words": spread([judge.word_count(r["thought"]) for r in rows]),
-             "answer_words": spread([judge.word_count(r["answer"]) for r in rows])}
-    return stats, counts
-
-
-def plot_lengths(counts_by_name, path):
-    """Histograms of thought and answer lengths per generator, when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, field in zip(axes, ("thought", "answer")):
-        for name, counts in counts_by_name.items():
-            ax.hist(counts[field], bins=30, alpha=0.5, label=name)
-        ax.set_xlabel(f"{field} tokens")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 # --- judges --------------------------------------------------------------------------------------------
@@ -386,134 +276,6 @@ def judge_http(args, model_rows, ref_rows):
                      "prompts_without_verdict": [r["id"] for r in records if r["win"] is None]}
 
 
-# --- exports -------------------------------------------------------------------------------------------
-
-def markdown_counts(text):
-    """Arena-Hard's style features (headers, list items, bold spans), code blocks removed first."""
-    text = re.sub(r"```[^`]*```", "", text)
-    return {"header_count": {f"h{k}": len(re.findall(rf"^#{{{k}}}\s", text, re.M)) for k in range(1, 7)},
-            "list_count": {"ordered": len(re.findall(r"^\s*\d+\.\s", text, re.M)),
-                           "unordered": len(re.findall(r"^\s*[-*+]\s", text, re.M))},
-            "bold_count": {"**": len(re.findall(r"\*\*[^*\n]+\*\*", text)),
-                           "__": len(re.findall(r"__[^_\n]+__", text))}}
-
-
-def parsed(row, template):
-    """False when a generated row's answer is the whole-text fallback (rlmt.chat.parseable: e.g. cut off while
-    thinking, no `</think>`), so that "answer" holds the thought; True for rows without a text (--reference)."""
-    return "text" not in row or chat.parseable(row["text"], template)
-
-
-def check_wildbench(rows, raw, path):
-    """Why `path` cannot be exported for WildBench (None when it can): WildBench pairs answers with its
-    questions by position and stops at any session_id mismatch, so only its full question file, in its order,
-    gives a usable export."""
-    missing = sum(raw[r["id"]].get("session_id") is None for r in rows)
-    if missing or len(rows) < WILDBENCH_QUESTIONS:
-        return (f"--export wildbench needs the full WildBench question file ({WILDBENCH_QUESTIONS} rows with "
-                f"session_id, in the benchmark's order); {path} has {len(rows)} rows, {missing} without session_id")
-    return None
-
-
-def export(fmt, name, rows, raw, tokenizer, args, template=None):
-    """Write the answers (thought stripped) in a harness's own format -> the file's path. A row whose answer did
-    not parse (`parsed` False) is exported as "" rather than as its text, which would be the thought.
-
-    alpaca_eval  AlpacaEval 2 (github.com/tatsu-lab/alpaca_eval): `alpaca_eval --model_outputs FILE` reads a
-                 JSON list of {"instruction", "output", "generator"} (+ "dataset" when the prompt row has
-                 one) and pairs outputs with the reference outputs by instruction.
-    arena_hard   Arena-Hard-Auto v2.0 (github.com/lmarena/arena-hard-auto): copy to
-                 data/arena-hard-v2.0/model_answer/{name}.jsonl. One line a question: {"uid", "ans_id",
-                 "model", "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content":
-                 {"answer": text}}], "tstamp", "metadata": {"token_len", header/list/bold counts}};
-                 gen_judgment.py keys answers by uid and reads messages[-1]["content"]["answer"]. token_len is
-                 counted with the model's tokenizer, not tiktoken; the project's utils/add_markdown_info.py
-                 recomputes it. (v0.1 used {"question_id", "model_id", "choices"}; not written.)
-    wildbench    WildBench (github.com/allenai/WildBench): copy to result_dirs/wild_bench_v2/{name}.json,
-                 a JSON list of {"session_id", "chat_history", "model_input", "output": [text], "generator",
-                 "configs", "dataset"}, one per question in the question file's order: its evaluation pairs
-                 them with the questions by position, stops at a session_id mismatch, and reads output[0]
-                 (main checks the prompt file with check_wildbench before generating).
-    The question ids are the prompt rows' uid / session_id when present, else their id; `template` (unset:
-    --template) is the generator's, for the new-token budget recorded in WildBench's configs."""
-    safe = re.sub(r"[^\w.-]+", "_", name)
-    rows = [r if parsed(r, template or args.template) else {**r, "answer": ""} for r in rows]
-    gen = {"temperature": args.temperature, "top_p": args.top_p,
-           "max_tokens": generation_settings(args, template or args.template)[0]}
-    if fmt == "alpaca_eval":
-        path = os.path.join(args.out, "export", "alpaca_eval", f"{safe}.json")
-        items = [{"instruction": chat.user_turn(r["messages"]), "output": r["answer"], "generator": name,
-                  **({"dataset": raw[r["id"]]["dataset"]} if "dataset" in raw[r["id"]] else {})} for r in rows]
-    elif fmt == "arena_hard":
-        path = os.path.join(args.out, "export", "arena_hard", "model_answer", f"{safe}.jsonl")
-        lengths = [len(t) for t in tokenizer([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]]
-        items = [{"uid": str(raw[r["id"]].get("uid", r["id"])), "ans_id": uuid.uuid4().hex[:22], "model": name,
-                  "messages": [{"role": "user", "content": chat.user_turn(r["messages"])},
-                               {"role": "assistant", "content": {"answer": r["answer"]}}],
-                  "tstamp": time.time(), "metadata": {"token_len": n, **markdown_counts(r["answer"])}}
-                 for r, n in zip(rows, lengths)]
-    else:
-        path = os.path.join(args.out, "export", "wildbench", f"{safe}.json")
-        items = [{"session_id": str(raw[r["id"]].get("session_id", r["id"])),
-                  "chat_history": [m["content"] for m in r["messages"] if m["role"] != "system"],
-                  "model_input": "n/a", "output": [r["answer"]], "generator": name, "configs": gen,
-                  "dataset": "wild_bench_v2", **{k: raw[r["id"]][k] for k in ("primary_tag",) if k in raw[r["id"]]}}
-                 for r in rows]
-    (write_jsonl if path.endswith(".jsonl") else write_json)(path, items)
-    return path
-
-
-# --- report --------------------------------------------------------------------------------------------
-
-def show(x, pct=False):
-    return "n/a" if x is None else f"{100 * x:.1f}%" if pct else f"{x:.4g}"
-
-
-def write_report(path, res):
-    st, j = res["settings"], res["judge"]
-    ci = lambda c: f"[{show(c[0], True)}, {show(c[1], True)}]" if c else "n/a"  # noqa: E731
-    mm = lambda d: f"{show(d['mean'])} / {show(d['median'])}" if d else "n/a"  # noqa: E731
-    lines = [f"# Evaluation: {res['model']}", "", f"{res['n_prompts']} prompts from `{st['prompts']}`; T "
-             f"{st['temperature']}, top-p {st['top_p']}.", ""]
-    lines += [f"- {n}: template `{g['template']}`, up to {g['max_new_tokens']} new tokens"
-              + (f", stop at {', '.join(f'`{x}`' for x in g['stop'])}" if g["stop"] else "")
-              + f"; the answer is {ANSWER_RULE[g['template']]}." for n, g in res["generation"].items()] + [""]
-    if j:
-        lines += ["## Pairwise judgement", "",
-                  "| judge | against | prompts judged | win rate | 95% CI | LC win rate | 95% CI |",
-                  "| --- | --- | --- | --- | --- | --- | --- |",
-                  f"| {j['judge']} | {res['reference']} | {j['n']} | {show(j['win_rate'], True)} | "
-                  f"{ci(j['win_rate_ci95'])} | {show(j['lc_win_rate'], True)} | {ci(j['lc_win_rate_ci95'])} |", "",
-                  "LC: a logistic regression of the win on the word-count difference (model − reference), read "
-                  "at a difference of zero."
-                  + (" Reward model: P(win) = σ(r_model − r_ref)." if j["kind"] == "rm" else ""), ""]
-        if j["kind"] == "http":
-            how = "each prompt judged in both orders" if j["protocol"] == "both-orders" else \
-                "AlpacaEval's ranking prompt, one order a prompt drawn from the seed, binary wins, inputs cut to " \
-                f"{judge.ALPACA_EVAL_MAX_WORDS} words"
-            lines += [f"{j['games']} games ({how}); {j['requests_sent']} requests sent "
-                      f"this run; **unparsable verdicts: {j['unparsable_games']}**; failed requests: "
-                      f"{j['failed_games']}" + (f" (e.g. {j['example_error']})" if j["example_error"] else "")
-                      + f"; prompts without any verdict, left out of the win rate: "
-                        f"{len(j['prompts_without_verdict'])}.", ""]
-    lines += ["## Thinking", "", "| generator | format rate | cut at max tokens | thought tokens (mean / median) "
-              "| answer tokens (mean / median) | thought words (mean / median) | answer words (mean / median) |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, t in res["thinking"].items():
-        lines.append(f"| {name} | {show(t['format_rate'], True)} | {show(t['cut_at_max_tokens'], True)} | "
-                     + " | ".join(mm(t[k]) for k in ("thought_tokens", "answer_tokens", "thought_words",
-                                                     "answer_words")) + " |")
-    for name, u in res["unparsable"].items():
-        lines += ["", f"**{name}: {u['n']} answers did not parse** (no template delimiter, e.g. cut off while "
-                     f"thinking), exported as empty answers" + (f": {', '.join(u['ids'])}" if u["ids"] else "") + "."]
-    if res["plot"]:
-        lines += ["", f"![thought and answer lengths]({os.path.basename(res['plot'])})"]
-    if res["exports"]:
-        lines += ["", "## Exports (thought stripped)", ""] + [f"- {k}: `{v}`" for k, v in res["exports"].items()]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-
-
 # --- main ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -523,7 +285,7 @@ def main(argv=None):
         raw = {r["id"]: rec for r, (_, rec) in zip(rows, data.read_records(args.prompts))}
     except data.DataError as e:
         fail(e)
-    if "wildbench" in args.exports and (problem := check_wildbench(rows, raw, args.prompts)):
+    if "wildbench" in args.exports and (problem := exports.check_wildbench(rows, raw, args.prompts)):
         fail(problem)
     repeated = next(((i, c) for i, c in Counter(r["id"] for r in rows).items() if c > 1), None)
     if repeated:  # answers, judgements and exports are keyed by id
@@ -535,7 +297,10 @@ def main(argv=None):
                 resolve_path(path)  # a typo fails now, not after hours of generation
         except FileNotFoundError as e:
             fail(f"{flag}: {e}")
-    ref_rows = load_reference(args.reference, rows) if args.reference else None
+    try:
+        ref_rows = exports.load_reference(args.reference, rows) if args.reference else None
+    except ValueError as e:
+        fail(e)
     if args.judge_kind == "http":  # an unreachable judge or a refused key fails now, not after the generation
         problem = judge.check_endpoint(args.judge.rstrip("/"), os.environ.get("OPENAI_API_KEY") or None,
                                        min(args.judge_timeout, 10))
@@ -562,8 +327,8 @@ def main(argv=None):
     tokenizer = chat.load_tokenizer(args.model)
     thinking, counts = {}, {}
     for n, rs in ([(name, model_rows)] + ([(ref_name, ref_rows)] if ref_rows else [])):
-        thinking[n], counts[n] = thinking_stats(rs, tokenizer)
-    unparsable = {n: [r["id"] for r in rs if not parsed(r, templates[n])] for n, rs in generated.items()}
+        thinking[n], counts[n] = exports.thinking_stats(rs, tokenizer)
+    unparsable = {n: [r["id"] for r in rs if not exports.parsed(r, templates[n])] for n, rs in generated.items()}
     generation = {n: dict(zip(("template", "max_new_tokens", "stop"), (t, *generation_settings(args, t))))
                   for n, t in templates.items()}
     res = {"model": name, "reference": ref_name, "n_prompts": len(rows),
@@ -571,7 +336,7 @@ def main(argv=None):
            "generation": generation,
            "thinking": thinking, "judge": None, "exports": {},
            "unparsable": {n: {"n": len(ids), "ids": ids} for n, ids in unparsable.items()},
-           "plot": plot_lengths(counts, os.path.join(args.out, "thinking_lengths.png"))}
+           "plot": exports.plot_lengths(counts, os.path.join(args.out, "thinking_lengths.png"))}
 
     # --- judge
     if args.judge:
@@ -590,11 +355,12 @@ def main(argv=None):
     # --- export, report
     for fmt in args.exports:
         for n, rs in generated.items():
-            res["exports"][f"{fmt}/{n}"] = export(fmt, n, rs, raw, tokenizer, args, templates[n])
+            gen = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": generation[n]["max_new_tokens"]}
+            res["exports"][f"{fmt}/{n}"] = exports.export(fmt, n, rs, raw, tokenizer, args.out, templates[n], gen)
     write_json(os.path.join(args.out, "results.json"), res)
-    write_report(os.path.join(args.out, "report.md"), res)
+    exports.write_report(os.path.join(args.out, "report.md"), res)
     j = res["judge"]
-    summary = f"; win rate {show(j['win_rate'], True)}, LC {show(j['lc_win_rate'], True)}" if j else ""
+    summary = f"; win rate {exports.show(j['win_rate'], True)}, LC {exports.show(j['lc_win_rate'], True)}" if j else ""
     print(f"wrote {os.path.join(args.out, 'report.md')}{summary}", file=sys.stderr)
     return res
 

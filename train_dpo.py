@@ -29,61 +29,33 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from rlmt import batching, chat, checkpoint, cli, data, dist, log, losses, model as M, optim, pairs, reward
+from rlmt import batching, chat, cli, data, dist, log, loop, losses, model as M, optim, pairs, preflight, reward
 
 # --- CLI ------------------------------------------------------------------------------------------------
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--model", help="starting policy: folder, hub id or alias (e.g. llama-3.1-8b-instruct)")
-p.add_argument("--data", help="pairs JSONL ({'prompt', 'chosen', 'rejected'} rows), or prompts to build pairs from")
-p.add_argument("--out", default="runs/dpo", help="output folder (with --build-pairs: the pairs file, or a folder)")
+cli.add_run_args(p, "pairs", data="pairs ({'prompt', 'chosen', 'rejected'} rows), or prompts to build pairs from",
+                 out="output folder (with --build-pairs: the pairs file, or a folder)")  # --model ... --resume --demo
+cli.add_offline_args(p)  # --batch-size --warmup --max-len --stop-after: as in SFT
+cli.add_sampling_args(p)  # --reward-model --template --group-size --temperature ...: for building pairs
 p.add_argument("--build-pairs", action="store_true", help="only build pairs from the --data prompts, then stop")
-p.add_argument("--reward-model", help="reward model for pair building: folder, hub id or alias")
-p.add_argument("--reward-fn", help="rule reward module:function or file.py:function, alone or added to the RM")
-p.add_argument("--template", default="think", choices=chat.TEMPLATES, help="prompt template (sampling, text pairs)")
-p.add_argument("--strict", action="store_true",
-               help="score [NULL] when the answer's delimiter is missing (</think> for chat-think / think, "
-                    "<response>...</response> for zero); no effect with chat, which has none")
-p.add_argument("--group-size", type=int, default=8, help="samples per prompt when building pairs")
 p.add_argument("--min-parseable", type=int, default=4, help="drop prompts with fewer parseable samples")
 p.add_argument("--max-pair-len", type=int, default=8192, help="drop pairs whose longer sequence exceeds this")
-p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for pair building")
-p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for pair building")
-p.add_argument("--max-prompt-len", type=int, default=1024, help="prompt tokens kept when sampling (left-truncated)")
-p.add_argument("--max-new-tokens", type=int, default=4096, help="response token budget when sampling")
-p.add_argument("--sample-batch-size", type=int, default=64,
-               help="most sampler slots (rows decoded together); on a GPU the KV cache takes fewer when "
-                    "--gpu-memory-utilization leaves no room for more")
 p.add_argument("--chunk-prompts", type=int, default=64, help="prompts sampled between appends to the pairs file")
 p.add_argument("--ref-model", help="DPO reference (default: --model, the starting policy)")
 p.add_argument("--loss", default="sigmoid", choices=losses.DPO_KINDS, help="DPO loss kind")
 p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
-p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the pairs)")
-p.add_argument("--epochs", type=float, default=2.0, help="passes over the pairs when --steps is unset")
-p.add_argument("--batch-size", type=int, default=128, help="pairs per optimizer step, all ranks together")
-p.add_argument("--lr", type=float, default=3e-7, help="peak AdamW learning rate")
-p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps with linear warmup (then cosine)")
-p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
-p.add_argument("--max-len", type=int, default=4096, help="tokens per sequence (prompt + completion) in training")
-cli.add_precision_args(p)  # --dtype, --save-dtype, --max-skipped-steps: as in GRPO and PPO
-cli.add_memory_args(p, "pairs")  # --micro-batch-tokens / -size, --activation-checkpointing, --plan
-p.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
-p.add_argument("--stop-after", type=int, help="end this run after step N, saving (the lr schedule still spans "
-               "the whole run; --resume continues it), e.g. to fit a job time limit")
-cli.add_checkpoint_args(p, save_every=50)  # --save-every --keep-last --resume --dist-timeout: as in GRPO and PPO
-cli.add_log_args(p)  # --wandb: as in GRPO and PPO
-p.add_argument("--demo", action="store_true", help="tiny offline CPU demo (builds its own model and pairs)")
+p.set_defaults(out="runs/dpo", template="think", max_prompt_len=1024, epochs=2.0, batch_size=128, lr=3e-7,
+               warmup=0.05, weight_decay=1e-4, save_every=50)
 args = p.parse_args()
 
 if args.demo:
     from rlmt import demo
     demo.apply_dpo_defaults(args, p)
-checkpointing = cli.memory_check(args, p, "dpo")  # --plan prints and exits; a GPU run that cannot fit stops here
+checkpointing = preflight.memory_check(args, p, "dpo")  # --plan prints and exits; a GPU run that cannot fit stops here
 for flag in ("model", "data"):
     if not getattr(args, flag):
         p.error(f"--{flag} is required (or use --demo)")
@@ -113,7 +85,7 @@ if args.batch_size % world:
     p.error(f"--batch-size {args.batch_size} must be divisible by the number of ranks {world}")
 if args.max_len < 2:
     p.error("--max-len must be at least 2")
-resume_from = cli.resume_state(args)  # the state folder to load, or None; a bad --resume fails here
+preflight.resume_state(args)  # a bad --resume fails here, before any model loads
 
 # --- init -----------------------------------------------------------------------------------------------
 
@@ -126,12 +98,9 @@ try:
     tokenizer = chat.load_tokenizer(args.model)
     if build or any(r["ids"] is None for r in pair_rows):  # a template/tokenizer mismatch fails here
         chat.render(tokenizer, prompt_rows[0]["messages"] if build else pair_rows[0]["prompt"], args.template)
-    policy = M.from_pretrained(args.model)  # in the checkpoint's dtype; shard() makes the fp32 masters
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-export_dtype = cli.save_dtype(args, policy)
-policy.gradient_checkpointing = checkpointing
-policy = dist.shard(policy, device, dtype)
+policy, export_dtype = cli.trained_model(args.model, args, device, dtype, checkpointing)  # fp32 masters
 
 # --- pairs: sample, score, select (skipped for prompts already done) -------------------------------------
 
@@ -213,35 +182,21 @@ policy.train()
 # --- optimizer ------------------------------------------------------------------------------------------
 
 opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-skipped = optim.SkippedSteps(args.max_skipped_steps)
-# after the reference pass: that one needed the starting weights
-start, skipped.total = cli.resume(args, resume_from, {"policy": policy}, {"policy": opt})
-tb = log.tensorboard(args.out) if dist.is_main() else None
-wb = log.wandb(args) if dist.is_main() else None  # --wandb PROJECT, else None
-preemption = checkpoint.Preemption(device)  # SIGTERM: save at the end of the step, exit 0
+# after the reference pass, which needed the starting weights: resume, then log, save, stop on SIGTERM each step
+run = loop.Run(args, {"policy": policy}, {"policy": opt}, {"policy": (policy, tokenizer, export_dtype)}, device,
+               total_steps, "dpo")
 
 
 def pairs_for(step):
-    """This rank's pair indices at `step`: epoch-wise shuffles, a slice per step, split between the ranks
-    by tokens (batching.balance: every rank computes the same split)."""
-    epoch, i = divmod(step, steps_per_epoch)
-    order = np.random.RandomState(args.seed + epoch).permutation(len(encoded))
-    chunk = order[i * args.batch_size:(i + 1) * args.batch_size].tolist()
+    """This rank's pair indices at `step`: the step's slice of the shuffled pairs (batching.step_indices),
+    split between the ranks by tokens (batching.balance: every rank computes the same split)."""
+    chunk = batching.step_indices(len(encoded), args.batch_size, step, args.seed)
     return [chunk[j] for j in batching.balance([pair_len[i] for i in chunk], world)[rank]]
-
-
-def save(step):
-    checkpoint.save(args.out, step, {"policy": policy}, {"policy": opt},
-                    {"step": step, "skipped_steps": skipped.total, "args": vars(args)},
-                    exports={"policy": (policy, tokenizer, export_dtype)}, keep_last=args.keep_last)
 
 
 # --- loop -----------------------------------------------------------------------------------------------
 
-end = min(total_steps, args.stop_after or total_steps)
-bar = tqdm(range(start, end), initial=start, total=total_steps, disable=not dist.is_main(),
-           desc="dpo", dynamic_ncols=True)
-for step in bar:
+for step in run.steps():
     t0 = time.perf_counter()
     lr = optim.cosine_lr(step, total_steps, args.lr, args.warmup)
     optim.set_lr(opt, lr)
@@ -263,41 +218,23 @@ for step in bar:
                   rejected_logp=rejected.detach().mean())
         stats.append((pm, len(idx)))
     grad_norm, stepped = optim.step(policy, opt, args.grad_clip)  # skipped when the norm is NaN/inf
-    skipped.update(stepped, step + 1, grad_norm)
+    run.skipped.update(stepped, step + 1, grad_norm)
     dt = time.perf_counter() - t0
 
-    # log: each micro-batch's means weighted by its pairs; a rank's share of the step's mean (ranks may hold
-    # different numbers of pairs), × world since the one reduction over ranks averages
-    metrics = {k: v * len(mine) * world / args.batch_size for k, v in log.micro_batch_mean(stats).items()}
-    metrics.update(grad_norm=grad_norm, skipped_steps=torch.tensor(float(skipped.total)), t_step=torch.tensor(dt),
+    # log: each micro-batch's means weighted by its pairs, over every rank (ranks may hold different numbers)
+    metrics = log.step_mean(stats)
+    metrics.update(grad_norm=grad_norm, skipped_steps=torch.tensor(float(run.skipped.total)), t_step=torch.tensor(dt),
                    **batching.metrics(lengths, plan, dt, world))
     metrics = log.reduce_metrics(metrics)
     metrics["lr"] = lr
-    if dist.is_main():
-        log.log_step(args.out, step + 1, metrics, (), tb, wb)
-        bar.set_postfix(loss=f"{metrics['loss']:.4g}", margin=f"{metrics['reward_margin']:.3g}",
-                        acc=f"{metrics['reward_accuracy']:.2f}", lr=f"{lr:.3g}",
-                        tok_s=f"{metrics['train_tokens_per_s']:.3g}")
-    skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
-
-    # save; on SIGTERM (any rank) this step too, then exit
-    due = (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == end
-    if due:
-        save(step + 1)
-    if step + 1 < end and preemption.requested():
-        if not due:
-            save(step + 1)
-        preemption.stop(step + 1, args.out)
+    run.log(step + 1, metrics, postfix=dict(loss=f"{metrics['loss']:.4g}", margin=f"{metrics['reward_margin']:.3g}",
+                                            acc=f"{metrics['reward_accuracy']:.2f}", lr=f"{lr:.3g}",
+                                            tok_s=f"{metrics['train_tokens_per_s']:.3g}"))
+    run.end_of_step(step + 1)  # save when due; on SIGTERM (any rank) save this step and exit 0
 
 # --- save -----------------------------------------------------------------------------------------------
 
 if args.demo and build and world == 1:  # sampling a sharded model needs every rank
     demo.dpo_report(policy, tokenizer, pairs_path, args)
-if dist.is_main():
-    plot = log.plot_rewards(args.out, keys=("reward_margin", "reward_accuracy"))
-    latest = os.path.join(args.out, checkpoint.LATEST)
-    print(f"metrics: {os.path.join(args.out, 'metrics.jsonl')}\npolicy:  {os.path.join(latest, 'policy')}"
-          f"\nstate:   {os.path.join(latest, 'state')}" + (f"\nplot:    {plot}" if plot else ""))
-if wb is not None:
-    wb.finish()
+run.finish(plot_keys=("reward_margin", "reward_accuracy"), policy="policy", state="state")
 dist.cleanup()

@@ -33,9 +33,8 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
 
-from rlmt import batching, chat, checkpoint, cli, dist, log, losses, model as M, optim, reward, rollout
+from rlmt import batching, chat, cli, dist, log, loop, losses, model as M, optim, preflight, reward, rollout
 from rlmt.logprobs import packed_logprobs
 
 # --- CLI ------------------------------------------------------------------------------------------------
@@ -48,8 +47,8 @@ args = p.parse_args()
 if args.demo:
     from rlmt import demo
     demo.apply_grpo_defaults(args, p)
-checkpointing = cli.memory_check(args, p, "grpo")  # --plan prints and exits; a GPU run that cannot fit stops here
-rows, eval_rows, reward_fn, total_steps = cli.check(args, p)
+checkpointing = preflight.memory_check(args, p, "grpo")  # --plan prints and exits; a GPU run that cannot fit stops here
+rows, eval_rows, reward_fn, total_steps = preflight.check(args, p)
 
 # --- init -----------------------------------------------------------------------------------------------
 
@@ -63,12 +62,9 @@ os.makedirs(args.out, exist_ok=True)
 try:
     tokenizer = chat.load_tokenizer(args.model)
     chat.render(tokenizer, rows[0]["messages"], args.template)  # a template/tokenizer mismatch fails here
-    policy = M.from_pretrained(args.model)  # in the checkpoint's dtype; shard() makes the fp32 masters
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-export_dtype = cli.save_dtype(args, policy)
-policy.gradient_checkpointing = checkpointing
-policy = dist.shard(policy, device, dtype).train()
+policy, export_dtype = cli.trained_model(args.model, args, device, dtype, checkpointing)  # fp32 masters
 ref = None
 if args.kl_coef > 0:  # the frozen initial policy, sharded like the reward model (FSDP2 when world > 1)
     ref = dist.shard(M.from_pretrained(args.model, dtype=dtype), device, dtype, train=False).eval()
@@ -79,31 +75,20 @@ sampling = dict(rm=rm, reward_fn=reward_fn, seed=args.seed, **cli.rollout_kwargs
 # --- optimizer ------------------------------------------------------------------------------------------
 
 opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-resume_from = cli.resume_state(args)  # None: start fresh (also --resume auto in an OUT with no checkpoint)
-skipped = optim.SkippedSteps(args.max_skipped_steps)
-start, skipped.total = cli.resume(args, resume_from, {"policy": policy}, {"policy": opt})
-tb = log.tensorboard(args.out) if dist.is_main() else None
-wb = log.wandb(args) if dist.is_main() else None  # --wandb PROJECT, else None
-preemption = checkpoint.Preemption(device)  # SIGTERM: save at the end of the step, exit 0
-
-
-def save(step):
-    checkpoint.save(args.out, step, {"policy": policy}, {"policy": opt},
-                    {"step": step, "skipped_steps": skipped.total, "args": vars(args)},
-                    exports={"policy": (policy, tokenizer, export_dtype)}, keep_last=args.keep_last)
+run = loop.Run(args, {"policy": policy}, {"policy": opt}, {"policy": (policy, tokenizer, export_dtype)}, device,
+               total_steps, "grpo")  # resumes; logs, saves and stops on SIGTERM at the end of each step
+actor = cli.actor_kwargs(args)  # --clip-low ... --entropy-coef, for losses.actor_loss
 
 
 # --- loop -----------------------------------------------------------------------------------------------
 
-bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not dist.is_main(),
-           desc="grpo", dynamic_ncols=True)
-for step in bar:
+for step in run.steps():
     # rollout: G samples per prompt, answers scored
     mine, first = rollout.prompts_for(rows, step, args.prompts_per_step, args.seed, rank, world)
     ro = rollout.on_policy(policy, tokenizer, mine, step=step, first=first, group_size=args.group_size,
                            temperature=args.temperature, **sampling)
-    b = {k: v.to(device) for k, v in ro["batch"].items() if torch.is_tensor(v)}
-    adv = losses.group_advantages(ro["rewards"], args.group_size, scale_by_std=not args.no_std_scale).to(device)
+    b = {k: v.to(device) for k, v in ro.batch.items()}
+    adv = losses.group_advantages(ro.rewards, args.group_size, scale_by_std=not args.no_std_scale).to(device)
 
     # train: --mini-batches optimizer steps, each over a share of the prompts (a group stays together) in
     # micro-batches of at most --micro-batch-tokens tokens, each a packed row; each step's loss is normalized
@@ -132,56 +117,33 @@ for step in bar:
             m = mb["response_mask"]
             logp, ent = packed_logprobs(policy, mb, m, args.temperature, with_entropy=args.entropy_coef > 0)
             old = mb.get("old_logp", logp.detach())  # one step per rollout: the ratio is exactly 1
-            pg, pm = losses.policy_loss(logp, old, mb["advantages"], m, args.clip_low, args.clip_high,
-                                        args.dual_clip, sampler_logprobs=mb["old_logprobs"], tis_cap=args.tis_cap,
-                                        tis_mode=args.tis_mode)
-            per_token = pg
-            if ref is not None:
-                kl = losses.kl(logp, mb["ref_logp"], args.kl_kind, mask=m)
-                per_token = per_token + args.kl_coef * kl
-                pm["kl"] = losses.masked_mean(kl.detach(), m)
-            if ent is not None:
-                per_token = per_token - args.entropy_coef * ent
-                pm["entropy"] = losses.masked_mean(ent.detach(), m)
+            per_token, pm = losses.actor_loss(logp, old, mb["advantages"], m, ref_logprobs=mb.get("ref_logp"),
+                                              entropy=ent, sampler_logprobs=mb["sampler_logp"], **actor)
             # normalized by the mini-batch's count; × world undoes FSDP's average over ranks (a sum is due)
             (losses.aggregate(per_token, m, args.loss_agg, count=count) * world).backward()
-            pm.update(losses.mismatch_stats(old, mb["old_logprobs"], m, args.tis_cap or 2.0, args.tis_mode))
+            if args.mini_batches == 1:  # ρ ≡ 1: the clip fractions and ratios are constants, not logged
+                pm = {k: v for k, v in pm.items() if k not in losses.RATIO_METRICS}
+            pm.update(losses.mismatch_stats(old, mb["sampler_logp"], m, args.tis_cap or 2.0, args.tis_mode))
             stats.append((pm, m.sum()))
         grad_norm, stepped = optim.step(policy, opt, args.grad_clip)  # skipped when the norm is NaN/inf
-        skipped.update(stepped, step + 1, grad_norm)
+        run.skipped.update(stepped, step + 1, grad_norm)
         grad_norms.append(grad_norm)
     t_train = time.perf_counter() - t0
 
-    # log: one reduction over ranks, floats only here
-    metrics = log.micro_batch_mean(stats)
+    # log: the micro-batches' means token-weighted over every rank, then one reduction, floats only here
+    metrics = log.step_mean(stats)
     metrics.update(rollout.metrics(ro, world), **batching.metrics(lengths, [g for plan in plans for g in plan],
                                                                    t_train, world),
                    grad_norm=torch.stack(grad_norms).mean(), t_train=torch.tensor(t_train),
-                   zero_std_frac=losses.zero_std_fraction(ro["rewards"], args.group_size),
-                   skipped_steps=torch.tensor(float(skipped.total)))
+                   zero_std_frac=losses.zero_std_fraction(ro.rewards, args.group_size),
+                   skipped_steps=torch.tensor(float(run.skipped.total)))
     if args.eval_every and eval_rows and (step + 1) % args.eval_every == 0:
         metrics.update(rollout.validate(policy, tokenizer, eval_rows, step=step, rank=rank, world=world, **sampling))
-    metrics = log.reduce_metrics(metrics)
-    metrics["lr"] = args.lr
-    if dist.is_main():
-        log.log_step(args.out, step + 1, metrics, rollout.sample_rows(ro, args.samples_per_step), tb, wb)
-        bar.set_postfix(log.progress_postfix(metrics))
-    skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
-
-    # save; on SIGTERM (any rank) this step too, then exit
-    due = (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps
-    if due:
-        save(step + 1)
-    if step + 1 < total_steps and preemption.requested():
-        if not due:
-            save(step + 1)
-        preemption.stop(step + 1, args.out)
+    metrics = log.reduce_metrics(metrics)  # no lr: GRPO's is constant, and it is in the run's args
+    run.log(step + 1, metrics, rollout.sample_rows(ro, args.samples_per_step))
+    run.end_of_step(step + 1)  # save when due; on SIGTERM (any rank) save this step and exit 0
 
 # --- save -----------------------------------------------------------------------------------------------
 
-if dist.is_main():
-    latest = os.path.join(args.out, checkpoint.LATEST)
-    log.report(args.out, policy=os.path.join(latest, "policy"), state=os.path.join(latest, "state"))
-if wb is not None:
-    wb.finish()
+run.finish(policy="policy", state="state")
 dist.cleanup()

@@ -32,9 +32,8 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
 
-from rlmt import batching, chat, checkpoint, cli, dist, log, losses, model as M, optim, reward, rollout
+from rlmt import batching, chat, cli, dist, log, loop, losses, model as M, optim, preflight, reward, rollout
 from rlmt.logprobs import packed_logprobs, packed_values
 
 # --- CLI ------------------------------------------------------------------------------------------------
@@ -56,7 +55,7 @@ args = p.parse_args()
 if args.demo:
     from rlmt import demo
     demo.apply_ppo_defaults(args, p)
-checkpointing = cli.memory_check(args, p, "ppo")  # --plan prints and exits; a GPU run that cannot fit stops here
+checkpointing = preflight.memory_check(args, p, "ppo")  # --plan prints and exits; a GPU run that cannot fit stops here
 if args.ppo_epochs < 1:
     p.error("--ppo-epochs must be at least 1")
 if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1):
@@ -65,7 +64,7 @@ if args.value_clip < 0 or args.kl_in_reward < 0 or args.kl_coef < 0:
     p.error("--value-clip, --kl-in-reward and --kl-coef must be >= 0")
 if args.critic_init == "reward" and not args.reward_model:
     p.error("--critic-init reward needs --reward-model (the critic starts from its weights)")
-rows, eval_rows, reward_fn, total_steps = cli.check(args, p)
+rows, eval_rows, reward_fn, total_steps = preflight.check(args, p)
 
 # --- init -----------------------------------------------------------------------------------------------
 
@@ -82,15 +81,12 @@ try:
     if args.critic_init == "reward" and chat.load_tokenizer(args.reward_model).get_vocab() != tokenizer.get_vocab():
         sys.exit(f"error: --critic-init reward: {args.reward_model} has another tokenizer than {args.model}, "
                  "so a critic built from it cannot read the policy's tokens; use --critic-init policy")
-    policy = M.from_pretrained(args.model)  # in the checkpoint's dtype; shard() makes the fp32 masters
-    # The critic: a trunk and a scalar head read at every position (a fresh head on the policy's trunk).
-    critic = M.from_pretrained(args.model if args.critic_init == "policy" else args.reward_model, head="score")
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-export_dtype = cli.save_dtype(args, policy)
-policy.gradient_checkpointing = critic.gradient_checkpointing = checkpointing
-policy = dist.shard(policy, device, dtype).train()  # both trained: fp32 masters, --dtype compute
-critic = dist.shard(critic, device, dtype).train()
+policy, export_dtype = cli.trained_model(args.model, args, device, dtype, checkpointing)  # fp32 masters
+# The critic: a trunk and a scalar head read at every position (a fresh head on the policy's trunk).
+critic, _ = cli.trained_model(args.model if args.critic_init == "policy" else args.reward_model, args, device, dtype,
+                              checkpointing, head="score")
 ref = None
 if args.kl_coef > 0 or args.kl_in_reward > 0:  # the frozen initial policy, only when a KL is asked for
     ref = dist.shard(M.from_pretrained(args.model, dtype=dtype), device, dtype, train=False).eval()
@@ -104,32 +100,20 @@ opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), wei
 critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.999),
                                weight_decay=args.weight_decay)
 models, optimizers = {"policy": policy, "critic": critic}, {"policy": opt, "critic": critic_opt}
-resume_from = cli.resume_state(args)  # None: start fresh (also --resume auto in an OUT with no checkpoint)
-skipped = optim.SkippedSteps(args.max_skipped_steps)
-start, skipped.total = cli.resume(args, resume_from, models, optimizers)
-tb = log.tensorboard(args.out) if dist.is_main() else None
-wb = log.wandb(args) if dist.is_main() else None  # --wandb PROJECT, else None
-preemption = checkpoint.Preemption(device)  # SIGTERM: save at the end of the step, exit 0
-
-
-def save(step):
-    checkpoint.save(args.out, step, models, optimizers,
-                    {"step": step, "skipped_steps": skipped.total, "args": vars(args)},
-                    exports={"policy": (policy, tokenizer, export_dtype),
-                             "critic": (critic, tokenizer, export_dtype)},  # the critic reads the policy's tokens
-                    keep_last=args.keep_last)
+run = loop.Run(args, models, optimizers, {"policy": (policy, tokenizer, export_dtype),
+                                          "critic": (critic, tokenizer, export_dtype)},  # it reads the policy's tokens
+               device, total_steps, "ppo")  # resumes; logs, saves and stops on SIGTERM at the end of each step
+actor = cli.actor_kwargs(args)  # --clip-low ... --entropy-coef, for losses.actor_loss
 
 
 # --- loop -----------------------------------------------------------------------------------------------
 
-bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not dist.is_main(),
-           desc="ppo", dynamic_ncols=True)
-for step in bar:
+for step in run.steps():
     # rollout: one sample per prompt (--group-size), answers scored
     mine, first = rollout.prompts_for(rows, step, args.prompts_per_step, args.seed, rank, world)
     ro = rollout.on_policy(policy, tokenizer, mine, step=step, first=first, group_size=args.group_size,
                            temperature=args.temperature, **sampling)
-    b = {k: v.to(device) for k, v in ro["batch"].items() if torch.is_tensor(v)}
+    b = {k: v.to(device) for k, v in ro.batch.items()}
     mask, n = b["response_mask"], b["response_mask"].shape[0]
     # Strided mini-batches: mini-batch k holds the same samples whatever the number of ranks (a rank's rows
     # are a contiguous slice of the step's, and each rank's row count is a multiple of --mini-batches).
@@ -155,7 +139,7 @@ for step in bar:
     b.update(old)
 
     # advantages: the score on the last response token (minus β·k1 per token), GAE, whitened over all ranks
-    rewards = losses.last_token_rewards(ro["rewards"].to(device), mask)
+    rewards = losses.last_token_rewards(ro.rewards.to(device), mask)
     if args.kl_in_reward > 0:
         rewards = rewards - args.kl_in_reward * losses.kl(b["old_logp"], b["ref_logp"], "k1", mask=mask)
     adv, b["returns"] = losses.gae(rewards, b["old_values"], mask, args.gamma, args.lam)
@@ -171,15 +155,9 @@ for step in bar:
                 mb = {key: t[group] for key, t in b.items()}
                 m = mb["response_mask"]
                 logp, ent = packed_logprobs(policy, mb, m, args.temperature, with_entropy=args.entropy_coef > 0)
-                pg, pm = losses.policy_loss(logp, mb["old_logp"], mb["advantages"], m, args.clip_low,
-                                            args.clip_high, args.dual_clip, sampler_logprobs=mb["old_logprobs"],
-                                            tis_cap=args.tis_cap, tis_mode=args.tis_mode)
-                per_token = pg
-                if args.kl_coef > 0:  # GRPO's KL loss term, if asked for
-                    per_token = per_token + args.kl_coef * losses.kl(logp, mb["ref_logp"], args.kl_kind, mask=m)
-                if ent is not None:
-                    per_token = per_token - args.entropy_coef * ent
-                    pm["entropy"] = losses.masked_mean(ent.detach(), m)
+                per_token, pm = losses.actor_loss(logp, mb["old_logp"], mb["advantages"], m,
+                                                  ref_logprobs=mb["ref_logp"] if ref is not None else None,
+                                                  entropy=ent, sampler_logprobs=mb["sampler_logp"], **actor)
                 values = packed_values(critic, mb, m)
                 vl, vm = losses.value_loss(values, mb["old_values"], mb["returns"], m, args.value_clip or None)
                 actor_loss = losses.aggregate(per_token, m, args.loss_agg, count=counts[0])
@@ -193,13 +171,13 @@ for step in bar:
             # each model skips its step when its gradient norm is NaN/inf; the run counts either as skipped
             norm, stepped = optim.step(policy, opt, args.grad_clip)
             critic_norm, critic_stepped = optim.step(critic, critic_opt, args.grad_clip)
-            skipped.update(stepped and critic_stepped, step + 1, norm if not stepped else critic_norm)
+            run.skipped.update(stepped and critic_stepped, step + 1, norm if not stepped else critic_norm)
             grad_norms.append(norm)
             critic_grad_norms.append(critic_norm)
     t_train = time.perf_counter() - t0
 
-    # log: one reduction over ranks, floats only here
-    metrics = log.micro_batch_mean(stats)
+    # log: the micro-batches' means token-weighted over every rank, then one reduction, floats only here
+    metrics = log.step_mean(stats)
     metrics.update(rollout.metrics(ro, world), **batching.metrics(lengths, [r for plan in plans for r in plan],
                                                                    t_train, world),
                    grad_norm=torch.stack(grad_norms).mean(),
@@ -208,34 +186,17 @@ for step in bar:
                    explained_variance=losses.explained_variance(b["old_values"], b["returns"], mask,
                                                                 all_reduce=dist.all_reduce_sum),
                    adv_mean=losses.masked_mean(adv, mask),  # before whitening: > 0 when the critic underrates
-                   **losses.mismatch_stats(b["old_logp"], b["old_logprobs"], mask, args.tis_cap or 2.0, args.tis_mode),
-                   t_train=torch.tensor(t_train), skipped_steps=torch.tensor(float(skipped.total)))
+                   **losses.mismatch_stats(b["old_logp"], b["sampler_logp"], mask, args.tis_cap or 2.0, args.tis_mode),
+                   t_train=torch.tensor(t_train), skipped_steps=torch.tensor(float(run.skipped.total)))
     if ref is not None:
         metrics["kl"] = losses.masked_mean(losses.kl(b["old_logp"], b["ref_logp"], args.kl_kind, mask=mask), mask)
     if args.eval_every and eval_rows and (step + 1) % args.eval_every == 0:
         metrics.update(rollout.validate(policy, tokenizer, eval_rows, step=step, rank=rank, world=world, **sampling))
-    metrics = log.reduce_metrics(metrics)
-    metrics.update(lr=args.lr, critic_lr=args.critic_lr)
-    if dist.is_main():
-        log.log_step(args.out, step + 1, metrics, rollout.sample_rows(ro, args.samples_per_step), tb, wb)
-        bar.set_postfix(log.progress_postfix(metrics))
-    skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
-
-    # save; on SIGTERM (any rank) this step too, then exit
-    due = (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps
-    if due:
-        save(step + 1)
-    if step + 1 < total_steps and preemption.requested():
-        if not due:
-            save(step + 1)
-        preemption.stop(step + 1, args.out)
+    metrics = log.reduce_metrics(metrics)  # no lr: PPO's are constant, and they are in the run's args
+    run.log(step + 1, metrics, rollout.sample_rows(ro, args.samples_per_step))
+    run.end_of_step(step + 1)  # save when due; on SIGTERM (any rank) save this step and exit 0
 
 # --- save -----------------------------------------------------------------------------------------------
 
-if dist.is_main():
-    latest = os.path.join(args.out, checkpoint.LATEST)
-    log.report(args.out, policy=os.path.join(latest, "policy"), critic=os.path.join(latest, "critic"),
-               state=os.path.join(latest, "state"))
-if wb is not None:
-    wb.finish()
+run.finish(policy="policy", critic="critic", state="state")
 dist.cleanup()

@@ -25,43 +25,25 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
-from rlmt import batching, chat, checkpoint, cli, data, dist, log, losses, model as M, optim
+from rlmt import batching, chat, cli, data, dist, log, loop, losses, optim, preflight
 from rlmt.logprobs import packed_logprobs
 
 # --- CLI ------------------------------------------------------------------------------------------------
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--model", help="starting model: folder, hub id or alias (e.g. llama-3.1-8b-instruct)")
-p.add_argument("--data", help="SFT conversations, JSONL or JSON ({'messages'} rows ending with an assistant turn)")
-p.add_argument("--out", default="runs/sft", help="output folder: metrics, checkpoints")
-p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
-p.add_argument("--epochs", type=float, default=2.0, help="passes over the data when --steps is unset")
-p.add_argument("--batch-size", type=int, default=16, help="conversations per optimizer step, all ranks together")
-p.add_argument("--lr", type=float, default=4e-6, help="peak AdamW learning rate")
-p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps with linear warmup (then cosine)")
-p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
-p.add_argument("--max-len", type=int, default=20000,
-               help="tokens per conversation, cut at the end (the authors' SFT script: 20,000, so that long traces "
-                    "keep their answer and end-of-turn token)")
-cli.add_precision_args(p)  # --dtype, --save-dtype, --max-skipped-steps: as in GRPO and PPO
-cli.add_memory_args(p, "conversations")  # --micro-batch-tokens / -size, --activation-checkpointing, --plan
-p.add_argument("--seed", type=int, default=0, help="seed for the data order")
-p.add_argument("--stop-after", type=int, help="end this run after step N, saving (the lr schedule still spans "
-               "the whole run; --resume continues it), e.g. to fit a job time limit")
-cli.add_checkpoint_args(p, save_every=200)  # --save-every --keep-last --resume --dist-timeout: as in GRPO and PPO
-cli.add_log_args(p)  # --wandb: as in GRPO and PPO
-p.add_argument("--demo", action="store_true", help="tiny offline CPU demo (builds its own model and data)")
+cli.add_run_args(p, "conversations", out="output folder: metrics, checkpoints",  # --model ... --resume --demo
+                 data="SFT conversations: JSONL, JSON or Parquet ({'messages'} rows ending with an assistant turn)")
+cli.add_offline_args(p)  # --batch-size --warmup --max-len --stop-after: as in DPO
+p.set_defaults(out="runs/sft", epochs=2.0, lr=4e-6, weight_decay=1e-4, save_every=200, max_len=20000)
+# --max-len 20,000: the authors' SFT script, so that long traces keep their answer and end-of-turn token
 args = p.parse_args()
 
 if args.demo:
     from rlmt import demo
     demo.apply_sft_defaults(args, p)
-checkpointing = cli.memory_check(args, p, "sft")  # --plan prints and exits; a GPU run that cannot fit stops here
+checkpointing = preflight.memory_check(args, p, "sft")  # --plan prints and exits; a GPU run that cannot fit stops here
 for flag in ("model", "data"):
     if not getattr(args, flag):
         p.error(f"--{flag} is required (or use --demo)")
@@ -72,7 +54,7 @@ if args.batch_size % world:
     p.error(f"--batch-size {args.batch_size} must be divisible by the number of ranks {world}")
 if args.max_len < 2:
     p.error("--max-len must be at least 2")
-resume_from = cli.resume_state(args)  # the state folder to load, or None; a bad --resume fails here
+preflight.resume_state(args)  # a bad --resume fails here, before any model loads
 try:
     rows = data.load_sft(args.data)
     tokenizer = chat.load_tokenizer(args.model)
@@ -106,44 +88,24 @@ if dist.is_main():
 
 # --- model and optimizer --------------------------------------------------------------------------------
 
-try:
-    policy = M.from_pretrained(args.model)  # in the checkpoint's dtype; shard() makes the fp32 masters
-except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
-export_dtype = cli.save_dtype(args, policy)
-policy.gradient_checkpointing = checkpointing
-policy = dist.shard(policy, device, dtype).train()
+policy, export_dtype = cli.trained_model(args.model, args, device, dtype, checkpointing)  # fp32 masters
 pad_id = chat.pad_id(tokenizer)
 
 opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-skipped = optim.SkippedSteps(args.max_skipped_steps)
-start, skipped.total = cli.resume(args, resume_from, {"policy": policy}, {"policy": opt})
-tb = log.tensorboard(args.out) if dist.is_main() else None
-wb = log.wandb(args) if dist.is_main() else None  # --wandb PROJECT, else None
-preemption = checkpoint.Preemption(device)  # SIGTERM: save at the end of the step, exit 0
+run = loop.Run(args, {"policy": policy}, {"policy": opt}, {"policy": (policy, tokenizer, export_dtype)}, device,
+               total_steps, "sft")  # resumes; logs, saves and stops on SIGTERM at the end of each step
 
 
 def examples_for(step):
-    """This rank's conversations at `step`: epoch-wise shuffles, a slice per step, split between the ranks
-    by tokens (batching.balance). A function of the step alone, so resuming needs nothing but the step."""
-    epoch, i = divmod(step, steps_per_epoch)
-    order = np.random.RandomState(args.seed + epoch).permutation(len(examples))
-    chunk = [examples[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size]]
+    """This rank's conversations at `step`: the step's slice of the shuffled data (batching.step_indices),
+    split between the ranks by tokens (batching.balance)."""
+    chunk = [examples[j] for j in batching.step_indices(len(examples), args.batch_size, step, args.seed)]
     return [chunk[j] for j in batching.balance([len(ids) for ids, _ in chunk], world)[rank]]
-
-
-def save(step):
-    checkpoint.save(args.out, step, {"policy": policy}, {"policy": opt},
-                    {"step": step, "skipped_steps": skipped.total, "args": vars(args)},
-                    exports={"policy": (policy, tokenizer, export_dtype)}, keep_last=args.keep_last)
 
 
 # --- loop -----------------------------------------------------------------------------------------------
 
-end = min(total_steps, args.stop_after or total_steps)
-bar = tqdm(range(start, end), initial=start, total=total_steps, disable=not dist.is_main(),
-           desc="sft", dynamic_ncols=True)
-for step in bar:
+for step in run.steps():
     t0 = time.perf_counter()
     lr = optim.cosine_lr(step, total_steps, args.lr, args.warmup)
     optim.set_lr(opt, lr)
@@ -161,27 +123,17 @@ for step in bar:
         (loss * world).backward()
         loss_sum += loss.detach()
     grad_norm, stepped = optim.step(policy, opt, args.grad_clip)  # skipped when the norm is NaN/inf
-    skipped.update(stepped, step + 1, grad_norm)
+    run.skipped.update(stepped, step + 1, grad_norm)
     dt = time.perf_counter() - t0
 
     # log: one reduction over ranks (a mean, so the per-rank shares of the loss are scaled by world)
     metrics = log.reduce_metrics({
-        "loss": loss_sum * world, "grad_norm": grad_norm, "skipped_steps": torch.tensor(float(skipped.total)),
+        "loss": loss_sum * world, "grad_norm": grad_norm, "skipped_steps": torch.tensor(float(run.skipped.total)),
         "assistant_tokens": count, **batching.metrics(lengths, plan, dt, world), "t_step": torch.tensor(dt)})
     metrics["lr"] = lr
-    if dist.is_main():
-        log.log_step(args.out, step + 1, metrics, (), tb, wb)
-        bar.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{lr:.3g}", tok_s=f"{metrics['train_tokens_per_s']:.3g}")
-    skipped.check(step + 1)  # after the log, so metrics.jsonl shows the bad norms
-
-    # save; on SIGTERM (any rank) this step too, then exit
-    due = (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == end
-    if due:
-        save(step + 1)
-    if step + 1 < end and preemption.requested():
-        if not due:
-            save(step + 1)
-        preemption.stop(step + 1, args.out)
+    run.log(step + 1, metrics, postfix=dict(loss=f"{metrics['loss']:.4g}", lr=f"{lr:.3g}",
+                                            tok_s=f"{metrics['train_tokens_per_s']:.3g}"))
+    run.end_of_step(step + 1)  # save when due; on SIGTERM (any rank) save this step and exit 0
 
 # --- save -----------------------------------------------------------------------------------------------
 
@@ -189,10 +141,5 @@ if args.demo and world == 1:  # sampling a sharded model needs every rank
     with torch.no_grad():
         for q in ("name three color?", "tell me about river?"):
             demo.show(policy.eval(), tokenizer, [{"role": "user", "content": q}])
-if dist.is_main():
-    latest = os.path.join(args.out, checkpoint.LATEST)
-    print(f"metrics: {os.path.join(args.out, 'metrics.jsonl')}\npolicy:  {os.path.join(latest, 'policy')}"
-          f"\nstate:   {os.path.join(latest, 'state')}")
-if wb is not None:
-    wb.finish()
+run.finish(plot_keys=("loss",), policy="policy", state="state")
 dist.cleanup()

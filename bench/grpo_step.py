@@ -117,7 +117,7 @@ def ignoring_eos():
 
 
 def rlmt_step(policy, ref, opt, tokenizer, rows, step, micro_batch_tokens):
-    """One GRPO step as train_grpo.py's loop does it (one rank, no FSDP; metrics computed, not written)."""
+    """One GRPO step as train_grpo.py's loop does it (one rank, no FSDP) -> (the Rollout, the step's metrics)."""
     import torch
 
     from rlmt import dist, losses, rollout
@@ -126,21 +126,20 @@ def rlmt_step(policy, ref, opt, tokenizer, rows, step, micro_batch_tokens):
                              reward_fn=lambda prompts, answers: answer_length(answers), max_prompt_len=1024,
                              max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, batch_size=64,
                              seed=[(step << 20) + i for i in range(len(rows))])
-    b = {k: v for k, v in ro["batch"].items() if torch.is_tensor(v)}
-    ro["metrics"] = train_packed(policy, ref, opt, b, losses.group_advantages(ro["rewards"], GROUP),
-                                 micro_batch_tokens)
-    ro["metrics"].update(reward_mean=ro["rewards"].mean().item())
-    return ro
+    metrics = train_packed(policy, ref, opt, ro.batch, losses.group_advantages(ro.rewards, GROUP), micro_batch_tokens)
+    metrics.update(reward_mean=ro.rewards.mean().item())
+    return ro, metrics
 
 
 def _loss(logp, ref_logp, ent, adv, m, count, stats):
-    """train_grpo.py's loss of one micro-batch (k3 KL, entropy bonus, per-sequence token mean over the
-    step's count), backward; its metrics appended to `stats` with their token weight."""
+    """train_grpo.py's loss of one micro-batch, through the same losses.actor_loss (k3 KL, entropy bonus,
+    per-sequence token mean over the step's count), backward; its metrics appended to `stats` with their
+    token weight. No sampler log-probs: TIS is off, as in train_grpo.py's default."""
     from rlmt import losses
-    pg, pm = losses.policy_loss(logp, logp.detach(), adv, m, CLIP, CLIP, 3.0)
-    kl = losses.kl(logp, ref_logp, "k3", mask=m)
-    losses.aggregate(pg + KL_COEF * kl - ENTROPY_COEF * ent, m, "seq-mean-token-mean", count=count).backward()
-    pm.update(kl=losses.masked_mean(kl.detach(), m), entropy=losses.masked_mean(ent.detach(), m))
+    per_token, pm = losses.actor_loss(logp, logp.detach(), adv, m, ref_logprobs=ref_logp, entropy=ent,
+                                      clip_low=CLIP, clip_high=CLIP, dual_clip=3.0, kl_coef=KL_COEF, kl_kind="k3",
+                                      entropy_coef=ENTROPY_COEF)
+    losses.aggregate(per_token, m, "seq-mean-token-mean", count=count).backward()
     stats.append((pm, m.sum()))
 
 
@@ -152,7 +151,7 @@ def _finish(policy, opt, stats, **extra):
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), GRAD_CLIP)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return {**{k: v.item() for k, v in log.micro_batch_mean(stats).items()}, "grad_norm": grad_norm.item(), **extra}
+    return {**{k: v.item() for k, v in log.step_mean(stats).items()}, "grad_norm": grad_norm.item(), **extra}
 
 
 def train_packed(policy, ref, opt, b, adv, micro_batch_tokens, micro_batch_size=None):
@@ -212,13 +211,13 @@ def run_rlmt(args, path):
     base, times, t_gen = peak_mb(), [], []
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        ro = rlmt_step(policy, ref, opt, tokenizer, rows, step, args.micro_batch_tokens)
+        ro, _ = rlmt_step(policy, ref, opt, tokenizer, rows, step, args.micro_batch_tokens)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-            t_gen.append(ro["t_sample"])
-        assert (ro["response_len"] == NEW_TOKENS).all(), ro["response_len"]
+            t_gen.append(ro.t_sample)
+        assert (ro.response_len == NEW_TOKENS).all(), ro.response_len
     return {"times": times, "t_gen": t_gen, "base_mb": base, "peak_mb": peak_mb(),
-            "prompt_lens": [len(p) for p in ro["prompt_ids"]], "threads": torch.get_num_threads()}
+            "prompt_lens": [len(p) for p in ro.prompt_ids], "threads": torch.get_num_threads()}
 
 
 # --- TRL ----------------------------------------------------------------------------------------------
@@ -308,7 +307,7 @@ def rlmt_batch(args, vocab):
                                                             len(prompts)))).astype(int)
     responses = [rng.randint(0, vocab, n).tolist() for n in lens]
     b = data.join(prompts, responses, 0)
-    b["old_logprobs"] = torch.zeros(b["input_ids"].shape)
+    b["sampler_logp"] = torch.zeros(b["input_ids"].shape)
     rewards = torch.tensor(rng.randn(len(prompts)), dtype=torch.float32)
     return b, losses.group_advantages(rewards, GROUP)
 

@@ -21,7 +21,7 @@ def peak_mb():
 
 def run_one(args):
     import torch
-    from rlmt.logprobs import token_logprobs
+    from rlmt.chunked import token_logprobs
     g = torch.Generator().manual_seed(0)
     h = (torch.randn(1, args.tokens, args.dim, generator=g) * 0.1).requires_grad_()
     w = (torch.randn(args.vocab, args.dim, generator=g) * 0.1).requires_grad_()

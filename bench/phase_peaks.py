@@ -18,7 +18,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from rlmt import cli, optim, reward, rollout, sampler  # noqa: E402
+from rlmt import optim, preflight, reward, rollout, sampler  # noqa: E402
 
 peaks = {}
 cuda = torch.cuda.is_available()
@@ -65,7 +65,7 @@ sys.argv = [script, *argv]
 g = runpy.run_path(script, run_name="__main__")
 args = g["args"]
 card = torch.cuda.get_device_properties(0).total_memory if cuda else 80 << 30
-plan = cli.memory_plan(args, "grpo", int(os.environ.get("WORLD_SIZE", 1)), card, g["checkpointing"])
+plan = preflight.memory_plan(args, "grpo", int(os.environ.get("WORLD_SIZE", 1)), card, g["checkpointing"])
 with open(out_json, "w") as f:
     json.dump({"measured": peaks, "plan": {ph: plan.peak(ph) for ph in plan.phases}, "plan_items": plan.phases,
                "card": card, "checkpointing": g["checkpointing"]}, f, indent=1)

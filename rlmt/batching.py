@@ -1,4 +1,5 @@
-"""Micro-batches by a token budget, the same number of them on every rank.
+"""Which units a step trains on, and how they are cut: the step's data order (`step_indices`), and
+micro-batches by a token budget, the same number of them on every rank.
 
 A training step's units (rollout samples, DPO pairs, SFT conversations) are cut into micro-batches of at
 most `max_tokens` tokens: units sorted longest first, each put into the first micro-batch with room for
@@ -16,7 +17,17 @@ The loss normalization does not depend on any of this: it divides by the step's 
 (losses.aggregate), computed before the first micro-batch.
 """
 
+import numpy as np
 import torch
+
+
+def step_indices(n, per_step, step, seed):
+    """The units of `step` among n: epoch-wise shuffles (seed + epoch), a slice of `per_step` a step, the
+    tail of an epoch that fills no step left out. -> [per_step indices]. A function of the step alone, so
+    resuming needs nothing but the step (the online trainers' prompts, SFT's conversations, DPO's pairs)."""
+    epoch, i = divmod(step, n // per_step)
+    order = np.random.RandomState(seed + epoch).permutation(n)
+    return order[i * per_step:(i + 1) * per_step].tolist()
 
 
 def plan(lengths, max_tokens, max_rows=None):
@@ -45,7 +56,7 @@ def mini_batches(rows, group_size, n):
     """A rollout's rows (prompt-major, `group_size` samples a prompt) split into `n` optimizer steps ->
     [[row indices]]: mini-batch k holds the groups g with g % n == k, whole. Strided, so it holds the same
     prompts whatever the number of ranks: a rank's prompts are a contiguous slice of the step's whose
-    length is a multiple of n (rlmt.cli.check), and g % n is then the same locally and globally."""
+    length is a multiple of n (rlmt.preflight.check), and g % n is then the same locally and globally."""
     return [[g * group_size + j for g in range(k, rows // group_size, n) for j in range(group_size)]
             for k in range(n)]
 

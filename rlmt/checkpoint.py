@@ -8,8 +8,9 @@ per-step layout that lets a long run survive a kill at any instant.
 - export: the full weights gathered on rank 0 (`get_model_state_dict` with full_state_dict and CPU
   offload; every rank joins the gather), written by rlmt.model.save_pretrained.
 - training state: parameters and optimizer through torch.distributed.checkpoint, each rank writing its
-  own shard (never a full gather of an 8B model's optimizer state), plus step, data position and every
-  RNG state per rank.
+  own shard (never a full gather of an 8B model's optimizer state), plus the step (the data's position
+  is a function of it: rlmt.batching.step_indices), the skipped-step count, the flags and every RNG
+  state per rank.
 - save: a step is built as `step-NNNNNN.tmp`, renamed by rank 0 once every rank is done, then `latest`
   is switched, then older steps lose their state/ (their exports stay). Every rank writes into the same
   OUT, so several nodes need a shared filesystem. find_resume reads the layout back.
@@ -95,7 +96,7 @@ def _state(models, optimizers):
 
 def save_state(path, models, optimizers, trainer_state, generator=None):
     """Resumable state into the folder `path`. models / optimizers: dicts {name: module / optimizer}
-    (policy, critic…); trainer_state: JSON-able dict (step, data position…). Every rank must call it.
+    (policy, critic…); trainer_state: JSON-able dict (step, skipped_steps, args). Every rank must call it.
     Not atomic by itself: save() builds it inside a step folder that is renamed only when complete."""
     if _rank() == 0:
         os.makedirs(path, exist_ok=True)

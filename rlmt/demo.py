@@ -217,7 +217,7 @@ def dpo_report(policy, tokenizer, pairs_path, args):
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, strict=args.strict,
                              seed=[(args.seed << 32) + j for j in range(len(rows))])
     valid = [s for s in before if s is not None]
-    after = ro["rewards"][ro["format_ok"]]
+    after = ro.rewards[ro.format_ok]
     print(f"demo: answer words {sum(valid) / max(1, len(valid)):.2f} -> {after.mean().item():.2f}, format rate "
-          f"{len(valid) / max(1, len(before)):.2f} -> {ro['format_ok'].float().mean().item():.2f} "
+          f"{len(valid) / max(1, len(before)):.2f} -> {ro.format_ok.float().mean().item():.2f} "
           "(before -> after DPO)")

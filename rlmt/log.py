@@ -1,8 +1,9 @@
 """What a researcher reads after a run: metrics.jsonl (one line a step), samples.jsonl (a few prompt /
-thought / answer / reward rows a step), a reward-curve PNG, and optionally TensorBoard.
+thought / answer / reward rows a step), a reward-curve PNG, and optionally TensorBoard and Weights & Biases.
 
-Metrics stay detached tensors during the step; `reduce_metrics` averages them over ranks with one
-all-reduce and turns them into floats once, when logging.
+Metrics stay detached tensors during the step: `step_mean` turns per-micro-batch means into the step's
+token-weighted means over all ranks, and `reduce_metrics` reduces everything over ranks (means, and
+maxima for *_max) and turns it into floats once, when logging.
 """
 
 import json
@@ -12,34 +13,42 @@ import os
 import torch
 import torch.distributed as dist
 
+from rlmt.dist import all_reduce_sum
+
 
 def reduce_metrics(metrics):
-    """{name: scalar tensor or float} -> {name: float}, averaged over ranks with a single collective
-    (every rank must call it, with the same names in the same order)."""
+    """{name: scalar tensor or float} -> {name: float} over ranks, with two collectives: a metric named
+    *_max takes the maximum over ranks, every other one the mean of the ranks' values (every rank must
+    call it, with the same names in the same order). A mean of means is the step's mean where each rank
+    holds as much (the rollout's rows); `step_mean` has already made token-weighted ones global."""
     names = list(metrics)
     vals = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64).detach().cpu().reshape(())
                         for k in names])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        vals = vals.to(dev)
-        dist.all_reduce(vals)
-        vals = vals / dist.get_world_size()
-    return dict(zip(names, vals.cpu().tolist()))
+        is_max = torch.tensor([k.endswith("_max") for k in names], device=dev)
+        mean, peak = vals.to(dev), vals.to(dev).clone()
+        dist.all_reduce(mean)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        vals = torch.where(is_max, peak, mean / dist.get_world_size()).cpu()
+    return dict(zip(names, vals.tolist()))
 
 
-def micro_batch_mean(stats):
-    """The step's value of per-micro-batch metrics: stats [(metrics {name: 0-d tensor}, weight)], each
-    metric a mean over its micro-batch (of its mask tokens, or pairs) and `weight` what it averaged over.
-    The weighted mean is then the mean over the whole step whatever the micro-batching, and the empty
-    micro-batches of a lighter rank (weight 0) count for nothing; a metric named *_max takes the maximum.
-    -> {name: 0-d tensor}."""
-    w = torch.stack([torch.as_tensor(x, dtype=torch.float32) for _, x in stats])
-    out = {}
-    for k in stats[0][0]:
-        v = torch.stack([m[k].float() for m, _ in stats])
-        v = torch.where(w > 0, v, 0.0)  # an empty micro-batch's mean may be 0 / 0
-        out[k] = v.max() if k.endswith("_max") else (v * w).sum() / w.sum().clamp(min=1)
-    return out
+def step_mean(stats):
+    """The step's value of per-micro-batch metrics over every micro-batch of every rank (a collective:
+    every rank calls it with the same names). stats [(metrics {name: 0-d tensor}, weight)], each metric a
+    mean over its micro-batch (of its mask tokens, or pairs) and `weight` what it averaged over. The
+    weighted mean, Σ w·v / Σ w summed over ranks, is the mean over the whole step whatever the
+    micro-batching and however the tokens fall on the ranks; the empty micro-batches of a lighter rank
+    (weight 0) count for nothing; a metric named *_max is this rank's maximum (reduce_metrics takes the
+    maximum over ranks). -> {name: 0-d tensor}, the same on every rank but for *_max."""
+    names = list(stats[0][0])
+    v = torch.stack([torch.stack([m[k].float().reshape(()) for k in names]) for m, _ in stats])  # [micro, names]
+    w = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=v.device).reshape(()) for _, x in stats])
+    v = torch.where(w[:, None] > 0, v, 0.0)  # an empty micro-batch's mean may be 0 / 0
+    sums = all_reduce_sum(torch.cat([(v * w[:, None]).sum(0), w.sum()[None]]))
+    mean = sums[:-1] / sums[-1].clamp(min=1e-12)
+    return {k: v[:, i].max() if k.endswith("_max") else mean[i] for i, k in enumerate(names)}
 
 
 def _append_jsonl(path, rows):
@@ -100,7 +109,7 @@ def wandb(args):
     None without the flag. wandb is imported only then: it is optional and slow to import."""
     if not getattr(args, "wandb", None):
         return None
-    import wandb as wb  # cli.check_outputs has said so if it is not installed
+    import wandb as wb  # preflight.check_outputs has said so if it is not installed
     return wb.init(project=args.wandb, dir=args.out, name=os.path.basename(os.path.normpath(args.out)),
                    config=vars(args))
 
@@ -113,7 +122,10 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_rewards(out_dir, keys=("reward_mean", "val_reward_mean", "format_rate")):
+REWARD_KEYS = ("reward_mean", "val_reward_mean", "format_rate")  # the online trainers' curve
+
+
+def plot_rewards(out_dir, keys=REWARD_KEYS):
     """reward_curve.png from metrics.jsonl when matplotlib is installed; returns its path or None."""
     try:
         import matplotlib
@@ -137,11 +149,12 @@ def plot_rewards(out_dir, keys=("reward_mean", "val_reward_mean", "format_rate")
     return path
 
 
-def report(out_dir, **outputs):
-    """End of a run, rank 0: draw the reward curve and print where every output went.
+def report(out_dir, plot_keys=REWARD_KEYS, **outputs):
+    """End of a run, rank 0: draw the curve of `plot_keys` and print where every output went.
     outputs: name=path of what the script wrote besides metrics and samples (policy=…, state=…)."""
-    plot = plot_rewards(out_dir)
-    paths = {"metrics": os.path.join(out_dir, "metrics.jsonl"), "samples": os.path.join(out_dir, "samples.jsonl"),
+    plot = plot_rewards(out_dir, plot_keys)
+    samples = os.path.join(out_dir, "samples.jsonl")  # SFT and DPO write none
+    paths = {"metrics": os.path.join(out_dir, "metrics.jsonl"), "samples": samples if os.path.exists(samples) else None,
              **outputs, "plot": plot}
     width = max(len(k) for k in paths) + 2
     print("\n".join(f"{k + ':':<{width}}{v}" for k, v in paths.items() if v))

@@ -267,6 +267,35 @@ def kl(logprobs, ref_logprobs, kind="k3", mask=None):
     return (torch.exp(log_r) - 1.0 - log_r).clamp(-K3_CLAMP, K3_CLAMP)
 
 
+RATIO_METRICS = ("clip_frac", "dual_clip_frac", "ratio_mean", "ratio_max", "approx_kl")  # policy_loss's
+
+
+def actor_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, entropy=None, sampler_logprobs=None,
+               kl_mask=None, clip_low=0.2, clip_high=0.2, dual_clip=3.0, tis_cap=None, tis_mode="token-truncate",
+               kl_coef=0.0, kl_kind="k3", entropy_coef=0.0):
+    """The per-token loss GRPO and PPO train the policy on (the paper's §2, after DeepSeekMath's GRPO):
+
+        L_t = policy_loss_t + kl_coef · kl_t(π ‖ π_ref) − entropy_coef · H_t
+
+    logprobs [B, T] (with grad), old_logprobs, mask [B, T], advantages [B] or [B, T]: as policy_loss;
+    ref_logprobs [B, T] (None, or kl_coef 0: no KL term), entropy [B, T] (with grad; None: no bonus),
+    sampler_logprobs: for truncated IS (tis_cap); kl_mask [B, T]: the tokens the KL term covers (None: all
+    of `mask`; the batch's answer_mask puts it on the answer alone). The flags: cli.actor_kwargs(args).
+    -> (loss [B, T] fp32, 0 at masked positions; metrics: policy_loss's, + kl (over kl_mask) and entropy
+    when in the loss). Reduce with aggregate()."""
+    loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip,
+                                sampler_logprobs=sampler_logprobs, tis_cap=tis_cap, tis_mode=tis_mode)
+    if ref_logprobs is not None and kl_coef > 0:
+        on = mask if kl_mask is None else mask.bool() & kl_mask.bool()
+        k = _where(on, kl(logprobs, ref_logprobs, kl_kind, mask=on))
+        loss = loss + kl_coef * k
+        metrics["kl"] = masked_mean(k.detach(), on)
+    if entropy is not None:
+        loss = loss - entropy_coef * entropy
+        metrics["entropy"] = masked_mean(entropy.detach(), mask)
+    return _where(mask.bool(), loss), metrics
+
+
 # ----------------------------------------------------------------------------- aggregation
 
 def aggregate_count(mask, mode):

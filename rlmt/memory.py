@@ -3,7 +3,7 @@
     p = memory.plan(policy=memory.shapes(config), world=8, card=80 * memory.GiB, reference=..., sampling=...)
     print(memory.format_plan(p)); memory.problems(p)     # [] when every phase fits, else what to change
 
-The trainers build it from their flags (rlmt.cli.memory_check): `--plan` prints it and exits, and a GPU
+The trainers build it from their flags (rlmt.preflight.memory_check): `--plan` prints it and exits, and a GPU
 run checks it at start-up, before any weights load.
 
 Every term is the size of a tensor the code allocates, with the shapes of the real models: parameter
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 GiB = 1 << 30
-LOGPROB_CHUNK = 1024  # rlmt.logprobs.token_logprobs's chunk_size
+LOGPROB_CHUNK = 1024  # rlmt.chunked.token_logprobs's chunk_size
 
 
 @dataclass
@@ -72,7 +72,7 @@ def shapes(hf_config, head=None):
 
 def read_config(path_or_alias):
     """config.json of a model folder or alias, as a dict (no weights are read)."""
-    from rlmt.model import resolve_path
+    from rlmt.hub import resolve_path
     folder = resolve_path(path_or_alias)
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):

@@ -6,7 +6,8 @@ two heads on top:
              says so (Qwen2.5 small models);
   - "score": `score` [1, D] → one scalar per token: a reward model saved as …ForSequenceClassification
              reads it at the last valid token, a PPO critic uses every position as a value.
-Parameter names are the HF names, so a state dict maps one to one to the safetensors files.
+Parameter names are the HF names, so a state dict maps one to one to the safetensors files (rlmt.hub
+finds, reads and writes them; the LM head's log-probs are rlmt.chunked's).
 
 Attention comes in three layouts: plain causal (no padding, or right padding: a real token never sees the
 padding after it, so no mask is needed and SDPA keeps its flash kernel); a bool mask (left-padded prompts,
@@ -15,31 +16,19 @@ restarting at each, no attention across them) — variable-length flash attentio
 sequence elsewhere. No layout builds a dense [T, T] mask for packed rows.
 """
 
-import glob
 import inspect
 import itertools
-import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ALIASES = {  # the paper's models, and small ones that fit a single GPU
-    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
-    "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
-    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
-    "qwen2.5-7b-instruct": "Qwen/Qwen2.5-7B-Instruct",
-    "skywork-reward-llama-3.1-8b-v0.2": "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
-    "skywork-reward-v2-llama-3.1-8b": "Skywork/Skywork-Reward-V2-Llama-3.1-8B",
-    "llama-3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
-    "qwen2.5-0.5b-instruct": "Qwen/Qwen2.5-0.5B-Instruct",
-    "qwen2.5-1.5b-instruct": "Qwen/Qwen2.5-1.5B-Instruct",
-}
+from rlmt import hub
+from rlmt.chunked import token_logprobs
+
 # architecture name in config.json -> (family, head)
 ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", "lm"), "MistralForCausalLM": ("llama", "lm"),
@@ -313,7 +302,7 @@ class Transformer(nn.Module):
         sequences end to end, each attending to itself alone (rlmt.logprobs.packed_logprobs).
 
         Returns, for the LM head: logits [B, T, V] (or [B, 1, V] with last_only); with `targets` [B, T]
-        the chunked fp32 log-probs (logprobs.token_logprobs) of those targets at `temperature`:
+        the chunked fp32 log-probs (chunked.token_logprobs) of those targets at `temperature`:
         (logp [B, T], entropy [B, T] or None) — computed here so FSDP's hooks see the lm_head use.
         logits_from: with `targets`, the trunk runs over all T tokens but the LM head only over positions
         ≥ logits_from; the ones before are returned as 0 (an RL loss never reads the prompt's log-probs,
@@ -345,11 +334,9 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         if targets is not None and logits_at is not None:
-            from rlmt.logprobs import token_logprobs
             logp, ent = token_logprobs(h[:, logits_at], self.lm_head.weight, targets, temperature, with_entropy)
             return logp.clone(), ent.clone() if ent is not None else None  # not views (FSDP2 warns about those)
         if targets is not None:
-            from rlmt.logprobs import token_logprobs
             logp, ent = token_logprobs(h[:, logits_from:], self.lm_head.weight, targets[:, logits_from:],
                                        temperature, with_entropy)
             # back to [B, T], zeros first, so every caller keeps one alignment; also when logits_from is 0:
@@ -366,68 +353,21 @@ class Transformer(nn.Module):
 
 # --- loading -------------------------------------------------------------------------------------------
 
-def resolve_path(path_or_alias: str) -> str:
-    """A local folder as is; a training run's output folder (no config.json, but OUT/latest/policy) as its
-    newest export; an alias (ALIASES) or hub id downloaded with huggingface_hub (cached)."""
-    if os.path.isdir(path_or_alias):
-        newest = os.path.join(path_or_alias, "latest", "policy")  # rlmt.checkpoint's layout
-        if not os.path.exists(os.path.join(path_or_alias, "config.json")) and os.path.isdir(newest):
-            return newest
-        return path_or_alias
-    repo = ALIASES.get(path_or_alias.lower(), path_or_alias)
-    looks_local = path_or_alias.startswith((".", "/", "~")) or os.sep * 2 in path_or_alias \
-        or repo.count("/") != 1
-    if looks_local:
-        raise FileNotFoundError(f"model {path_or_alias!r}: no such folder, and not a hub id or one of the "
-                                f"aliases {', '.join(ALIASES)}")
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
-    except Exception as e:  # offline, gated, misspelled: one line that says which
-        raise FileNotFoundError(f"model {path_or_alias!r}: could not fetch {repo!r} from the hub "
-                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def _read_weights(folder):
-    """Yield (name, tensor) from model.safetensors, its sharded index, or pytorch_model.bin, on CPU."""
-    from safetensors import safe_open
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))
-    if files:
-        for name in files:
-            with safe_open(os.path.join(folder, name), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-    elif os.path.exists(os.path.join(folder, "pytorch_model.bin")):
-        yield from torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu",
-                              weights_only=True).items()
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors, sharded index or pytorch_model.bin")
-
-
 def from_pretrained(path_or_alias, dtype=None, device=None, head=None):
     """Load a Llama / Qwen2 checkpoint (config.json + safetensors) into rlmt's Transformer.
 
     dtype: torch dtype or None (keep the checkpoint's); device: where the weights go (loaded to CPU
     first, built on the meta device so memory holds one copy). head: force "lm" or "score"; a "score"
     model built from a causal LM (a PPO critic initialized from the policy) gets a fresh value head."""
-    folder = resolve_path(path_or_alias)
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{folder}: no config.json; is this a model folder?")
-    with open(cfg_path) as f:
-        hf = json.load(f)
-    cfg = Config.from_hf(hf, cfg_path)
+    folder = hub.resolve_path(path_or_alias)
+    hf = hub.read_config(folder)
+    cfg = Config.from_hf(hf, os.path.join(folder, "config.json"))
     if head is not None and head != cfg.head:
         cfg.head, cfg.tie_word_embeddings = head, cfg.tie_word_embeddings and head == "lm"
     with torch.device("meta"):
         wanted = dict(Transformer(cfg, hf).named_parameters())  # tied: one entry, model.embed_tokens.weight
     state = {}
-    for name, t in _read_weights(folder):
+    for name, t in hub.read_weights(folder):
         if name in wanted:
             state[name] = t.to(dtype) if dtype is not None else t
     missing = [n for n in wanted if n not in state]
@@ -468,7 +408,6 @@ def save_pretrained(model, out_dir, tokenizer=None, state_dict=None, max_shard_b
     (sharded with an index above `max_shard_bytes`), plus the tokenizer. Written to a temporary folder
     and renamed, so a crash never leaves a half-written checkpoint. `state_dict`: the full weights when
     the model is sharded (rlmt.dist gathers them); by default the model's own."""
-    from safetensors.torch import save_file
     cfg = model.config
     state = state_dict if state_dict is not None else model.state_dict()
     if cfg.head == "lm" and cfg.tie_word_embeddings:
@@ -482,42 +421,4 @@ def save_pretrained(model, out_dir, tokenizer=None, state_dict=None, max_shard_b
     hf.pop("torch_dtype", None)
     if cfg.head == "score":
         hf["num_labels"], hf["id2label"], hf["label2id"] = 1, {"0": "LABEL_0"}, {"LABEL_0": 0}
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    try:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
-        shards, size = [{}], 0
-        for k, v in state.items():
-            n = v.numel() * v.element_size()
-            if shards[-1] and size + n > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][k], size = v, size + n
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if os.path.exists(out_dir):  # swap: the old checkpoint is removed only once the new one is whole
-            old = out_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return hub.write_folder(out_dir, hf, state, tokenizer, max_shard_bytes)

@@ -143,19 +143,19 @@ def build_pairs(policy, tokenizer, rows, out_path, *, template, rm=None, reward_
 
 def _select(ro, rows, positions, G, template, min_valid, max_pair_len):
     """[(position, row dict, drop reason or None)] for the prompts of one rollout."""
-    b = ro["batch"]
+    b = ro.batch
     out = []
     for p, (row, j) in enumerate(zip(rows, positions)):
         g = slice(p * G, (p + 1) * G)
         # usable: the answer's delimiter was found (chat.parseable) and the sample wrote something (a sample
         # that is only its stop token has no text for a pair file)
-        ok = ro["parseable"][g] & torch.tensor([bool(t.strip()) for t in ro["texts"][g]])
-        rewards = ro["rewards"][g]
+        ok = ro.parseable[g] & torch.tensor([bool(t.strip()) for t in ro.texts[g]], dtype=torch.bool)
+        rewards = ro.rewards[g]
         scores = [round(float(r), 6) if bool(o) else None for r, o in zip(rewards, ok)]
         base = {"n_parseable": int(ok.sum()), "scores": scores}
         c, r, why = select_pair(rewards, ok, min_valid)
         if why is None:  # the exact sampled tokens, read from the batch with the response mask
-            prompt_ids = ro["prompt_ids"][p]
+            prompt_ids = ro.prompt_ids[p]
             comp = [b["input_ids"][p * G + k][b["response_mask"][p * G + k].bool()].tolist() for k in (c, r)]
             length = len(prompt_ids) + max(map(len, comp))
             if length > max_pair_len:
@@ -163,8 +163,8 @@ def _select(ro, rows, positions, G, template, min_valid, max_pair_len):
         if why is not None:
             out.append((j, {"id": row["id"], **base, "reason": why}, why))
             continue
-        out.append((j, {"id": row["id"], "prompt": row["messages"], "chosen": ro["texts"][p * G + c],
-                        "rejected": ro["texts"][p * G + r], "chosen_score": float(rewards[c]),
+        out.append((j, {"id": row["id"], "prompt": row["messages"], "chosen": ro.texts[p * G + c],
+                        "rejected": ro.texts[p * G + r], "chosen_score": float(rewards[c]),
                         "rejected_score": float(rewards[r]), **base, "template": template,
                         "prompt_ids": prompt_ids, "chosen_ids": comp[0], "rejected_ids": comp[1]}, None))
     return out

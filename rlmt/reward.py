@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from rlmt import chat, dist
+from rlmt import chat, dist, hub
 
 
 def _preview(prompt, n=60):
@@ -80,10 +80,10 @@ class RewardModel:
 
     def __init__(self, path_or_alias, device=None, dtype=None, max_len=5120, batch_size=8,
                  trust_remote_code=False):
-        from rlmt.model import ARCHITECTURES, from_pretrained, resolve_path
+        from rlmt.model import ARCHITECTURES, from_pretrained
         if max_len < 1 or batch_size < 1:
             raise ValueError(f"max_len ({max_len}) and batch_size ({batch_size}) must be positive")
-        folder = resolve_path(path_or_alias)
+        folder = hub.resolve_path(path_or_alias)
         cfg_path = os.path.join(folder, "config.json")
         if not os.path.exists(cfg_path):
             raise FileNotFoundError(f"reward model {path_or_alias!r}: no config.json in {folder}")
@@ -267,7 +267,7 @@ def load_reward_fn(spec):
     def reward_fn(prompts, answers):
         try:
             out = fn(list(prompts), list(answers))
-        except Exception as e:  # the user's code failed: say whose, keep the traceback (cli.reward_fn_crash)
+        except Exception as e:  # the user's code failed: say whose, keep the traceback (preflight.reward_fn_crash)
             raise RewardFnError(spec, e) from e
         if isinstance(out, torch.Tensor) or hasattr(out, "tolist"):
             out = out.tolist()

@@ -2,7 +2,8 @@
 
     rows ──encode (template, left-truncate)──> prompt ids ──sampler.generate(n=G)──> response tokens
          ──decode, chat.split_answer──> (thought, answer, format ok) ──reward.score_all(user turn, answer)──>
-         one scalar per sample, in prompt-major order: the G samples of a prompt are consecutive.
+         one scalar per sample, in prompt-major order: the G samples of a prompt are consecutive;
+         chat.answer_span + chat.answer_tokens mark the answer's tokens (batch["answer_mask"]).
 
 The online trainers add three things around `rollout`: which prompts a rank takes at a step
 (`prompts_for`), sampling with seeds that do not depend on the number of ranks (`on_policy`), and
@@ -11,31 +12,65 @@ greedy validation (`validate`); `metrics` gives the rollout's numbers for the lo
 
 import math
 import time
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from rlmt import chat, data, dist, memory, reward, sampler
+from rlmt import batching, chat, data, dist, memory, reward, sampler
+
+
+@dataclass
+class Rollout:
+    """One rollout, N = P prompts × G samples in prompt-major order (the G samples of a prompt consecutive).
+
+    batch: tensors only, [N, T] with T = prompt_len + the longest response (sampler.to_batch, rlmt.data.join):
+      input_ids, attention_mask, position_ids, response_mask  LongTensor: the exact sampled ids, never
+        re-encoded text; response_mask 1 on each sample's tokens up to and including its stop token
+      sampler_logp  FloatTensor fp32: the sampler's log-prob of input_ids[b, t], 0 off the response (not
+        the trainer's `old_logp`, recomputed by the trainer; their gap is the sampler/trainer mismatch)
+      answer_mask   LongTensor: 1 on the response tokens the scored answer came from, and on the stop
+        token when there is an answer; 0 everywhere for a strict "[NULL]" (chat.answer_tokens gives the rule)
+    prompt_len: int, the column where every response starts
+    rewards [N] fp32; format_ok [N] bool (the whole format, for the log); parseable [N] bool (the answer's
+      delimiter was found: what the reward saw, chat.parseable)
+    response_len [N] fp32: tokens sampled, the stop token included
+    thought_len [N] fp32: response tokens before the answer's first token (the whole response when the
+      answer is "[NULL]"); answer_mask.sum(1) counts the answer's tokens
+    finish: N of "stop" / "length"; prompt_ids: P prompt id lists as sampled; ids: N row ids
+    prompts, texts, thoughts, answers: N strings (the user turn, the decoded response without its stop
+      token, and its split) for samples.jsonl
+    n_truncated: prompts cut to max_prompt_len; t_sample, t_reward: seconds
+    """
+    batch: dict
+    prompt_len: int
+    rewards: torch.Tensor
+    format_ok: torch.Tensor
+    parseable: torch.Tensor
+    response_len: torch.Tensor
+    thought_len: torch.Tensor
+    finish: list
+    prompt_ids: list
+    ids: list
+    prompts: list
+    texts: list
+    thoughts: list
+    answers: list
+    n_truncated: int
+    t_sample: float
+    t_reward: float
 
 
 def rollout(policy, tokenizer, rows, *, template, group_size, rm=None, reward_fn=None, max_prompt_len=1024,
             max_new_tokens=4096, temperature=0.7, top_p=1.0, top_k=0, strict=False, seed=0, batch_size=64,
             gpu_memory_utilization=0.9, compile=False, progress=False):
-    """Sample `group_size` responses for each row and score their answers.
+    """Sample `group_size` responses for each row and score their answers -> Rollout.
 
     policy: a plain model, or a trained FSDP2 one, which is gathered into a plain copy in its compute
     dtype for sampling (dist.full_copy; every rank must call then). The phases free what they hold: the
     copy and the KV cache are released before the answers are scored. batch_size: the most sampler slots;
     on a GPU the KV cache takes what `gpu_memory_utilization` of the card leaves (memory.kv_slots).
     compile: torch.compile the decode step (sampler.generate); CUDA graphs are on whenever it is a GPU.
-    rows: prompt records ({"id", "messages"}), P of them. Returns a dict with N = P × group_size rows:
-      batch: sampler.to_batch(...) tensors (input_ids / attention_mask / position_ids / response_mask /
-             old_logprobs [N, T]) — the exact sampled token ids, never re-encoded text
-      rewards [N] fp32, format_ok [N] bool (the whole format, for the log), parseable [N] bool (the
-      answer's delimiter was found: what the reward saw, chat.parseable), response_len [N], thought_len
-      [N] (tokens, approximated by the thought's share of the response text), finish [list of
-      "stop"/"length"], and the texts
-      (prompt, thought, answer) for samples.jsonl; t_sample, t_reward seconds.
+    rows: prompt records ({"id", "messages"}), P of them; the Rollout holds N = P × group_size samples.
     """
     t0 = time.perf_counter()
     prompt_ids, n_cut = data.encode_prompts(tokenizer, rows, template, max_prompt_len)
@@ -52,12 +87,24 @@ def rollout(policy, tokenizer, rows, *, template, group_size, rm=None, reward_fn
     _release()  # the rollout copy and the KV cache (~55 GiB of an 8B run's 80): the reward model and
     # training grow into them without the allocator's free-everything-and-retry path on the way
     t_sample = time.perf_counter() - t0
+    batch = sampler.to_batch(prompt_ids, samples, chat.pad_id(tokenizer))
+    P = batch.pop("prompt_len")
+    batch["answer_mask"] = torch.zeros_like(batch["response_mask"])
     stops = set(chat.stop_ids(tokenizer))
-    texts, thoughts, answers, ok, parsed = [], [], [], [], []
-    for s in samples:
+    texts, thoughts, answers, ok, parsed, thought_len = [], [], [], [], [], []
+    for b, s in enumerate(samples):
         toks = s["tokens"][:-1] if s["tokens"] and s["tokens"][-1] in stops else s["tokens"]
         text = tokenizer.decode(toks, skip_special_tokens=False)
         thought, answer, fmt = chat.split_answer(text, template, strict=strict)
+        span = chat.answer_span(text, template, strict=strict)
+        if span is None:  # "[NULL]": no token is the answer, every token came before one
+            thought_len.append(len(s["tokens"]))
+        else:
+            first, end = chat.answer_tokens(tokenizer, toks, text, span)
+            batch["answer_mask"][b, P + first:P + end] = 1
+            if len(toks) < len(s["tokens"]):  # the stop token: where the answer chose to end
+                batch["answer_mask"][b, P + len(toks)] = 1
+            thought_len.append(first)
         parsed.append(chat.parseable(text, template, strict))
         texts.append(text)
         thoughts.append(thought)
@@ -67,17 +114,14 @@ def rollout(policy, tokenizer, rows, *, template, group_size, rm=None, reward_fn
     t1 = time.perf_counter()
     rewards = reward.score_all(rm, reward_fn, prompts, answers)
     t_reward = time.perf_counter() - t1
-    lens = torch.tensor([len(s["tokens"]) for s in samples], dtype=torch.float32)
-    thought_share = torch.tensor([len(th) / max(1, len(tx)) for th, tx in zip(thoughts, texts)])
-    return {
-        "batch": sampler.to_batch(prompt_ids, samples, chat.pad_id(tokenizer)),
-        "rewards": rewards.float(), "format_ok": torch.tensor(ok), "parseable": torch.tensor(parsed),
-        "response_len": lens,
-        "thought_len": lens * thought_share, "finish": [s["finish_reason"] for s in samples],
-        "prompt_ids": prompt_ids, "ids": [rows[s["prompt_index"]]["id"] for s in samples],
-        "prompts": [chat.user_turn(p) for p in prompts], "texts": texts, "thoughts": thoughts,
-        "answers": answers, "n_truncated": n_cut, "t_sample": t_sample, "t_reward": t_reward,
-    }
+    return Rollout(
+        batch=batch, prompt_len=P, rewards=rewards.float(), format_ok=torch.tensor(ok, dtype=torch.bool),
+        parseable=torch.tensor(parsed, dtype=torch.bool),
+        response_len=torch.tensor([len(s["tokens"]) for s in samples], dtype=torch.float32),
+        thought_len=torch.tensor(thought_len, dtype=torch.float32), finish=[s["finish_reason"] for s in samples],
+        prompt_ids=prompt_ids, ids=[rows[s["prompt_index"]]["id"] for s in samples],
+        prompts=[chat.user_turn(p) for p in prompts], texts=texts, thoughts=thoughts, answers=answers,
+        n_truncated=n_cut, t_sample=t_sample, t_reward=t_reward)
 
 
 def _release():
@@ -88,20 +132,17 @@ def _release():
 
 def sample_rows(ro, k=4):
     """A few rows for samples.jsonl: what the model actually writes, with its reward."""
-    idx = range(0, len(ro["texts"]), max(1, len(ro["texts"]) // k))
-    return [{"id": ro["ids"][i], "prompt": ro["prompts"][i], "text": ro["texts"][i], "thought": ro["thoughts"][i],
-             "answer": ro["answers"][i], "reward": float(ro["rewards"][i]), "format_ok": bool(ro["format_ok"][i]),
-             "finish": ro["finish"][i]} for i in list(idx)[:k]]
+    idx = range(0, len(ro.texts), max(1, len(ro.texts) // k))
+    return [{"id": ro.ids[i], "prompt": ro.prompts[i], "text": ro.texts[i], "thought": ro.thoughts[i],
+             "answer": ro.answers[i], "reward": float(ro.rewards[i]), "format_ok": bool(ro.format_ok[i]),
+             "finish": ro.finish[i]} for i in list(idx)[:k]]
 
 
 def prompts_for(rows, step, per_step, seed, rank=0, world=1):
     """This rank's prompts at `step` -> (rows, index of the first one among the step's prompts).
 
-    Epoch-wise shuffles of the data, a slice of `per_step` prompts per step, one share of it per rank.
-    The position is a function of the step, so resuming needs nothing but the step."""
-    epoch, i = divmod(step, len(rows) // per_step)
-    order = np.random.RandomState(seed + epoch).permutation(len(rows))
-    chunk = order[i * per_step:(i + 1) * per_step]
+    The step's slice of the shuffled prompts (batching.step_indices), one contiguous share of it per rank."""
+    chunk = batching.step_indices(len(rows), per_step, step, seed)
     share = per_step // world
     return [rows[j] for j in chunk[rank * share:(rank + 1) * share]], rank * share
 
@@ -126,17 +167,18 @@ def validate(policy, tokenizer, eval_rows, *, step, seed, rank=0, world=1, **kw)
     mine = eval_rows[rank * share:(rank + 1) * share] or eval_rows[:1]  # every rank joins the reduction
     ro = on_policy(policy, tokenizer, mine, step=step, first=rank * share, seed=seed, group_size=1,
                    temperature=0.0, **kw)
-    return {"val_reward_mean": ro["rewards"].mean(), "val_format_rate": ro["format_ok"].float().mean(),
-            "val_response_len": ro["response_len"].mean()}
+    return {"val_reward_mean": ro.rewards.mean(), "val_format_rate": ro.format_ok.float().mean(),
+            "val_response_len": ro.response_len.mean()}
 
 
 def metrics(ro, world=1):
     """The rollout's numbers for metrics.jsonl, as detached tensors (log.reduce_metrics averages them over
-    ranks; tokens_per_s is multiplied by `world` here so that its average is the total throughput)."""
-    return dict(reward_mean=ro["rewards"].mean(), reward_std=ro["rewards"].std(),
-                format_rate=ro["format_ok"].float().mean(), answer_rate=ro["parseable"].float().mean(),
-                response_len=ro["response_len"].mean(),
-                thought_len=ro["thought_len"].mean(),
-                length_frac=torch.tensor(sum(f == "length" for f in ro["finish"]) / len(ro["finish"])),
-                tokens_per_s=ro["response_len"].sum() / max(ro["t_sample"], 1e-9) * world,
-                t_sample=torch.tensor(ro["t_sample"]), t_reward=torch.tensor(ro["t_reward"]))
+    ranks; tokens_per_s is multiplied by `world` here so that its average is the total throughput).
+    response_len, thought_len, answer_len: mean tokens a sample (answer_len counts answer_mask)."""
+    return dict(reward_mean=ro.rewards.mean(), reward_std=ro.rewards.std(),
+                format_rate=ro.format_ok.float().mean(), answer_rate=ro.parseable.float().mean(),
+                response_len=ro.response_len.mean(), thought_len=ro.thought_len.mean(),
+                answer_len=ro.batch["answer_mask"].sum(1).float().mean(),
+                length_frac=torch.tensor(sum(f == "length" for f in ro.finish) / len(ro.finish)),
+                tokens_per_s=ro.response_len.sum() / max(ro.t_sample, 1e-9) * world,
+                t_sample=torch.tensor(ro.t_sample), t_reward=torch.tensor(ro.t_reward))

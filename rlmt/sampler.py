@@ -384,12 +384,13 @@ def to_batch(prompts, samples, pad_id):
     prompts: the P prompt id lists given to generate; samples: its output (or a subset, any order).
     Returns LongTensors [B, P' + R] input_ids, attention_mask, position_ids, response_mask (1 on each
     sample's tokens, from lengths, so pad == EOS is harmless), prompt_len = P' (int), and
-    old_logprobs FloatTensor [B, P' + R]: old_logprobs[b, t] is the sampler's log-prob of input_ids[b, t]
-    (0 outside the response), the alignment of rlmt.logprobs.sequence_logprobs."""
+    sampler_logp FloatTensor [B, P' + R]: sampler_logp[b, t] is the sampler's log-prob of input_ids[b, t]
+    (0 outside the response), the alignment of rlmt.logprobs.sequence_logprobs (named apart from the
+    trainer's own `old_logp`, which it recomputes under its weights)."""
     batch = data.join([prompts[s["prompt_index"]] for s in samples], [s["tokens"] for s in samples], pad_id)
     P = batch["prompt_len"]
-    old = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+    logp = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
     for b, s in enumerate(samples):
-        old[b, P:P + len(s["tokens"])] = s["logprobs"]
-    batch["old_logprobs"] = old
+        logp[b, P:P + len(s["tokens"])] = s["logprobs"]
+    batch["sampler_logp"] = logp
     return batch

@@ -41,13 +41,13 @@ def test_micro_batches_one_process_and_pad_frac():
     assert m["n_micro"] == 3 and m["train_tokens_per_s"] == pytest.approx(13 / 2 * 2)
 
 
-def test_micro_batch_mean_weighs_by_tokens():
+def test_step_mean_weighs_by_tokens():
     """Per-micro-batch means weighted by their tokens = the step's mean; an empty micro-batch (weight 0,
     its mean 0/0) counts for nothing; *_max takes the maximum."""
     stats = [({"kl": torch.tensor(1.0), "ratio_max": torch.tensor(1.5)}, torch.tensor(3.0)),
              ({"kl": torch.tensor(2.0), "ratio_max": torch.tensor(1.2)}, torch.tensor(1.0)),
              ({"kl": torch.tensor(float("nan")), "ratio_max": torch.tensor(0.0)}, torch.tensor(0.0))]
-    out = log.micro_batch_mean(stats)
+    out = log.step_mean(stats)
     assert out["kl"].item() == pytest.approx((3 * 1 + 2) / 4) and out["ratio_max"].item() == 1.5
 
 
@@ -61,3 +61,41 @@ def test_mini_batches_keep_groups_whole_and_do_not_depend_on_the_ranks():
             mine = batching.mini_batches(share, 2, 2)
             for k in range(2):
                 assert [rank * share + i for i in mine[k]] == [i for i in whole[k] if i // share == rank]
+
+
+STEP_MEAN_SCRIPT = '''
+import json, sys
+import torch, torch.distributed as tdist
+sys.path.insert(0, {root!r})
+from rlmt import log
+tdist.init_process_group("gloo")
+rank = tdist.get_rank()
+# rank 0: one micro-batch of 3 tokens (kl 1); rank 1: 1 token (kl 5) and an empty one
+stats = [[({{"kl": torch.tensor(1.0), "ratio_max": torch.tensor(1.5)}}, torch.tensor(3.0))],
+         [({{"kl": torch.tensor(5.0), "ratio_max": torch.tensor(2.5)}}, torch.tensor(1.0)),
+          ({{"kl": torch.tensor(float("nan")), "ratio_max": torch.tensor(0.0)}}, torch.tensor(0.0))]][rank]
+m = log.reduce_metrics({{**log.step_mean(stats), "reward_mean": torch.tensor([0.0, 1.0][rank]),
+                         "diff_max": torch.tensor([7.0, 2.0][rank])}})
+open({out!r} + str(rank), "w").write(json.dumps(m))
+tdist.destroy_process_group()
+'''
+
+
+def test_step_mean_and_reduce_over_two_ranks(tmp_path):
+    """2 gloo ranks holding different token counts: the step's kl is the token-weighted mean over both
+    ranks ((3·1 + 5) / 4 = 2), not the mean of the rank means (3); every *_max is the maximum over ranks;
+    other metrics are averaged."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "step_mean.py"
+    script.write_text(STEP_MEAN_SCRIPT.format(root=root, out=str(tmp_path / "rank")))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in range(2):
+        m = json.loads((tmp_path / f"rank{rank}").read_text())
+        assert m == {"kl": pytest.approx(2.0), "ratio_max": 2.5, "reward_mean": 0.5, "diff_max": 7.0}, m

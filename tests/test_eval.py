@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rlmt import chat
+from rlmt import exports as X
 from rlmt import judge as J
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -360,6 +361,13 @@ class WordTok:
         return {"input_ids": [t.split() for t in texts]}
 
 
+def export(fmt, rows, raw, args):
+    """rlmt.exports.export as eval.py calls it for generator "m" under --template."""
+    gen = {"temperature": args.temperature, "top_p": args.top_p,
+           "max_tokens": ev.generation_settings(args, args.template)[0]}
+    return X.export(fmt, "m", rows, raw, WordTok(), args.out, args.template, gen)
+
+
 def wildbench_rows(n):
     """n WildBench questions (session ids out of sorted order) as load_prompts reads them, with their raw rows."""
     raw = [{"session_id": f"s{(7 * i) % n}", "conversation_input": [{"role": "user", "content": f"q{i}",
@@ -376,28 +384,28 @@ def test_wildbench_export_keeps_the_question_order_and_blanks_unparsed_answers(t
         r["text"] = "<think>\nstill planning" if i == 2 else f"<think>\nplan\n</think>\nanswer {i}"
         r["thought"], r["answer"], r["format_ok"] = chat.split_answer(r["text"], "think", last=True)
     args = ev.parse_args(["--model", "m", "--prompts", "p", "--out", str(tmp_path), "--template", "think"])
-    wb = json.load(open(ev.export("wildbench", "m", rows, raw, WordTok(), args)))
+    wb = json.load(open(export("wildbench", rows, raw, args)))
     assert [w["session_id"] for w in wb] == [r["id"] for r in rows] == ["s0", "s2", "s4", "s1", "s3"]
     assert [w["output"] for w in wb] == [["answer 0"], ["answer 1"], [""], ["answer 3"], ["answer 4"]]
     assert wb[1]["chat_history"] == ["q1"] and wb[0]["primary_tag"] == "Math" and wb[0]["generator"] == "m"
     for fmt in ("alpaca_eval", "arena_hard"):
-        body = open(ev.export(fmt, "m", rows, raw, WordTok(), args)).read()
+        body = open(export(fmt, rows, raw, args)).read()
         assert "still planning" not in body and "answer 4" in body
 
 
 def test_wildbench_needs_its_full_question_file():
-    rows, raw = wildbench_rows(ev.WILDBENCH_QUESTIONS)
-    assert ev.WILDBENCH_QUESTIONS == 1024 and ev.check_wildbench(rows, raw, "wb.json") is None
-    message = ev.check_wildbench(rows[:10], raw, "wb.json")
+    rows, raw = wildbench_rows(X.WILDBENCH_QUESTIONS)
+    assert X.WILDBENCH_QUESTIONS == 1024 and X.check_wildbench(rows, raw, "wb.json") is None
+    message = X.check_wildbench(rows[:10], raw, "wb.json")
     assert "needs the full WildBench question file (1024 rows" in message and "wb.json has 10 rows, 0 without" in message
     raw = {**raw, "s5": {k: v for k, v in raw["s5"].items() if k != "session_id"}}
-    assert "has 1024 rows, 1 without session_id" in ev.check_wildbench(rows, raw, "wb.json")
+    assert "has 1024 rows, 1 without session_id" in X.check_wildbench(rows, raw, "wb.json")
 
 
 def test_wildbench_question_file_end_to_end(llama_dir, tmp_path, monkeypatch):
     """A WildBench-format question file (smaller limit for speed): exported in its order, unparsed answers
     blank, counted and listed in results.json and report.md."""
-    monkeypatch.setattr(ev, "WILDBENCH_QUESTIONS", 3)
+    monkeypatch.setattr(X, "WILDBENCH_QUESTIONS", 3)
     _, raw = wildbench_rows(3)
     prompts = tmp_path / "wb.json"
     prompts.write_text(json.dumps(list(raw.values())))
@@ -419,8 +427,8 @@ def test_exports_strip_the_thought(tmp_path):
     thought, answer, ok = chat.split_answer(text, "think", last=True)
     rows = [{"id": "x", "messages": [{"role": "user", "content": "q"}], "thought": thought, "answer": answer}]
     args = ev.parse_args(["--model", "m", "--prompts", "p", "--out", str(tmp_path)])
-    for fmt in ev.EXPORTS:
-        path = ev.export(fmt, "m", rows, {"x": {}}, WordTok(), args)
+    for fmt in X.FORMATS:
+        path = export(fmt, rows, {"x": {}}, args)
         body = open(path).read()
         assert "The answer." in body and "plan A" not in body and "</think>" not in body
 
@@ -487,7 +495,7 @@ def test_reference_file_matched_by_instruction(tmp_path):
     ref.write_text(json.dumps([{"instruction": "Name three colors.", "output": "<think>hm</think> red",
                                 "generator": "g"},
                                {"instruction": "Why is the sky blue?", "output": ["Rayleigh."]}]))
-    rows = ev.load_reference(str(ref), ev.data.load_prompts(prompts))
+    rows = X.load_reference(str(ref), ev.data.load_prompts(prompts))
     assert [(r["id"], r["answer"], r["thought"]) for r in rows] == [("a", "Rayleigh.", ""), ("b", "red", "hm")]
 
 

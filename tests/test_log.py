@@ -10,7 +10,7 @@ import types
 import pytest
 
 from conftest import run_script
-from rlmt import cli, log, reward
+from rlmt import cli, log, preflight, reward
 
 
 def write_metrics(out, rows):
@@ -101,16 +101,16 @@ def test_wandb_missing_and_out_a_file_are_flag_errors(tmp_path, monkeypatch, cap
     p = parser_with_common_args()
     assert "Weights & Biases" in p.format_help()
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: find_spec raises, import fails
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit):
-        cli.check_outputs(p.parse_args(["--wandb", "proj", "--out", str(tmp_path)]), p)
+        preflight.check_outputs(p.parse_args(["--wandb", "proj", "--out", str(tmp_path)]), p)
     assert "--wandb needs wandb: pip install wandb" in capsys.readouterr().err
     a_file = tmp_path / "metrics.txt"
     a_file.write_text("")
     with pytest.raises(SystemExit):
-        cli.check_outputs(p.parse_args(["--out", str(a_file)]), p)
+        preflight.check_outputs(p.parse_args(["--out", str(a_file)]), p)
     assert f"--out {a_file} is a file" in capsys.readouterr().err
-    cli.check_outputs(p.parse_args(["--out", str(tmp_path / "new")]), p)  # a folder to come is fine
+    preflight.check_outputs(p.parse_args(["--out", str(tmp_path / "new")]), p)  # a folder to come is fine
 
 
 def test_out_a_file_stops_every_trainer(tmp_path):
@@ -140,7 +140,7 @@ def test_reward_fn_error_names_spec_step_and_log(tmp_path):
     e = info.value
     assert e.spec == spec and isinstance(e.__cause__, KeyError)
     e.step = 7
-    line = cli.reward_fn_crash(str(tmp_path / "out"), e)
+    line = preflight.reward_fn_crash(str(tmp_path / "out"), e)
     err_log = tmp_path / "out" / "error.log"
     assert line == (f"error: reward function {spec!r} raised at step 7: KeyError: 'no gold answer for this prompt'"
                     f" (traceback in {err_log})")

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from rlmt import data, model as M
-from rlmt.logprobs import packed_logprobs, packed_values, sequence_logprobs, sequence_values, token_logprobs
+from rlmt.chunked import token_logprobs
+from rlmt.logprobs import packed_logprobs, packed_values, sequence_logprobs, sequence_values
 from conftest import assert_close_to_scale
 
 

@@ -389,6 +389,28 @@ def test_kl_mask_blocks_nan_padding_gradients():
     torch.testing.assert_close(grads[1][1], grads[0][1])
 
 
+def test_actor_loss_hand_kl_on_the_answer_only():
+    """L_t = surrogate + kl_coef · k3 − entropy_coef · H, on policy (ρ = 1: surrogate −A); with kl_mask the
+    KL covers the answer tokens alone. One row of 3 response tokens, the last two the answer."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0, -1.0]])
+    ent = torch.tensor([[0.3, 0.2, 0.1]])
+    mask, answer = torch.tensor([[1, 1, 1]]), torch.tensor([[0, 1, 1]])
+    adv = torch.tensor([2.0])
+    k3 = lambda lr: math.exp(lr) - 1 - lr  # log r = log π_ref − log π
+    kw = dict(ref_logprobs=ref, entropy=ent, kl_coef=0.1, entropy_coef=0.01)
+    loss, m = L.actor_loss(logp, logp.detach(), adv, mask, **kw)
+    want = [-2 + 0.1 * k3(-0.5) - 0.003, -2 + 0.1 * k3(0.0) - 0.002, -2 + 0.1 * k3(-0.5) - 0.001]
+    torch.testing.assert_close(loss, torch.tensor([want]))
+    assert m["kl"].item() == pytest.approx(2 * k3(-0.5) / 3) and m["entropy"].item() == pytest.approx(0.2)
+    loss, m = L.actor_loss(logp, logp.detach(), adv, mask, kl_mask=answer, **kw)
+    want[0] = -2 - 0.003  # the thought token has no KL term
+    torch.testing.assert_close(loss, torch.tensor([want]))
+    assert m["kl"].item() == pytest.approx(k3(-0.5) / 2)  # the mean over the answer's two tokens
+    loss, m = L.actor_loss(logp, logp.detach(), adv, mask, ref_logprobs=ref, kl_coef=0.0)
+    assert "kl" not in m and "entropy" not in m  # not in the loss, not logged
+
+
 def test_bad_kind_and_mode_strings():
     with pytest.raises(ValueError, match="k1, k2, k3"):
         L.kl(torch.zeros(1, 1), torch.zeros(1, 1), "k4")

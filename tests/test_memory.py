@@ -11,7 +11,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from conftest import run_script
-from rlmt import cli, decode, dist, memory
+from rlmt import cli, decode, dist, memory, preflight
 from rlmt.logprobs import sequence_logprobs
 from rlmt.model import Config, Transformer
 
@@ -89,7 +89,7 @@ def test_24gb_cards_are_refused_with_what_to_change(configs):
     # without --plan, a real run stops before loading anything, with the same message (a GPU is faked)
     args = _grpo_args(configs, gpu_memory_gb=24.0, plan=False)
     with pytest.raises(SystemExit) as e, _fake_gpu():
-        cli.memory_check(args, argparse.ArgumentParser(), "grpo")
+        preflight.memory_check(args, argparse.ArgumentParser(), "grpo")
     assert "does not fit its GPUs" in str(e.value) and "--micro-batch-tokens" in str(e.value)
 
 
@@ -98,18 +98,18 @@ def test_auto_checkpointing_follows_the_plan(configs):
     with _fake_gpu():
         # decided at 4 of the longest sequences (4 x 5,120 tokens need it), then the most tokens that fit
         rlmt = _grpo_args(configs, gpu_memory_gb=80.0, plan=False)
-        assert cli.memory_check(rlmt, None, "grpo") is True and rlmt.micro_batch_tokens == cli.MAX_MICRO_BATCH_TOKENS
+        assert preflight.memory_check(rlmt, None, "grpo") is True and rlmt.micro_batch_tokens == cli.MAX_MICRO_BATCH_TOKENS
         short = _grpo_args(configs, gpu_memory_gb=80.0, plan=False, max_prompt_len=128, max_new_tokens=128)
-        assert cli.memory_check(short, None, "grpo") is False  # 4 x 256 tokens fit without it
+        assert preflight.memory_check(short, None, "grpo") is False  # 4 x 256 tokens fit without it
         assert 4 * 256 < short.micro_batch_tokens < cli.MAX_MICRO_BATCH_TOKENS and short.micro_batch_tokens % 1024 == 0
         # off: the auto budget shrinks to what fits without it (still a whole 5,120-token sequence) ...
         off = _grpo_args(configs, gpu_memory_gb=80.0, plan=False, activation_checkpointing="off")
-        assert cli.memory_check(off, None, "grpo") is False and 5120 <= off.micro_batch_tokens < 4 * 5120
+        assert preflight.memory_check(off, None, "grpo") is False and 5120 <= off.micro_batch_tokens < 4 * 5120
         # ... a budget given that cannot fit without it is refused, saying what to change
         off = _grpo_args(configs, gpu_memory_gb=80.0, plan=False, activation_checkpointing="off",
                          micro_batch_tokens=4 * 5120)
         with pytest.raises(SystemExit) as e:
-            cli.memory_check(off, None, "grpo")
+            preflight.memory_check(off, None, "grpo")
         assert "--activation-checkpointing on" in str(e.value) and "--micro-batch-tokens" in str(e.value)
     for script, rm in (("train_ppo.py", True), ("train_sft.py", False), ("train_dpo.py", True)):
         r = run_script(script, "--model", configs["llama"], *(["--reward-model", configs["skywork"]] if rm else []),

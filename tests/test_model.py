@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 
+from rlmt import hub, tiny
 from rlmt import model as M
-from rlmt import tiny
 from conftest import assert_close_to_scale
 
 
@@ -184,10 +184,10 @@ def test_clear_errors(llama_dir, tmp_path):
 
 
 def test_aliases_resolve_to_hub_ids():
-    assert M.ALIASES["llama-3.1-8b"] == "meta-llama/Llama-3.1-8B"
-    assert M.ALIASES["skywork-reward-llama-3.1-8b-v0.2"] == "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
+    assert hub.ALIASES["llama-3.1-8b"] == "meta-llama/Llama-3.1-8B"
+    assert hub.ALIASES["skywork-reward-llama-3.1-8b-v0.2"] == "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
     with pytest.raises(FileNotFoundError, match="not a hub id or one of the aliases"):
-        M.resolve_path("./missing-model")
+        hub.resolve_path("./missing-model")
 
 
 def test_from_pretrained_mistral_and_untied_qwen(tmp_path, qwen_tokenizer):
@@ -215,9 +215,9 @@ def test_a_run_folder_resolves_to_its_newest_export(llama_dir, tmp_path):
     step = tmp_path / "run" / "checkpoints" / "step-000003"
     shutil.copytree(llama_dir, step / "policy")
     os.symlink(os.path.join("checkpoints", "step-000003"), tmp_path / "run" / "latest")
-    assert M.resolve_path(str(tmp_path / "run")) == str(tmp_path / "run" / "latest" / "policy")
+    assert hub.resolve_path(str(tmp_path / "run")) == str(tmp_path / "run" / "latest" / "policy")
     assert M.from_pretrained(str(tmp_path / "run")).config.vocab_size == M.from_pretrained(llama_dir).config.vocab_size
-    assert M.resolve_path(llama_dir) == llama_dir  # a model folder is itself
+    assert hub.resolve_path(llama_dir) == llama_dir  # a model folder is itself
 
 
 # ----------------------------------------------------------------------------- packed rows, right padding

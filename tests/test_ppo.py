@@ -90,9 +90,9 @@ def test_paper_settings_are_on_policy_and_export(llama_dir, llama_rm_dir, rl_pro
     out = str(tmp_path / "paper")
     r = run(*tiny_args(llama_dir, llama_rm_dir, rl_prompts, out, "--steps", 1, "--critic-init", "reward"))
     m = metrics(out)[0]
-    for key in ("reward_mean", "format_rate", "response_len", "entropy", "clip_frac", "grad_norm", "lr",
+    for key in ("reward_mean", "format_rate", "response_len", "entropy", "clip_frac", "grad_norm",
                 "value_loss", "value_clip_frac", "explained_variance", "value_mean", "adv_mean", "critic_grad_norm",
-                "critic_lr", "tokens_per_s", "t_sample", "t_reward", "t_train"):
+                "tokens_per_s", "t_sample", "t_reward", "t_train"):
         assert key in m, key
     assert "kl" not in m  # the paper's PPO has no KL, and loads no reference
     assert m["ratio_mean"] == 1.0 and m["clip_frac"] == 0.0 and m["value_clip_frac"] == 0.0
@@ -156,11 +156,11 @@ def test_one_step_equals_the_padded_path(llama_dir, llama_rm_dir, rl_prompts, tm
     ro = rollout.on_policy(policy, tok, mine, step=0, first=first, seed=0, group_size=1, temperature=0.7,
                            rm=reward.RewardModel(llama_rm_dir, dtype=torch.float32), template="chat",
                            max_prompt_len=64, max_new_tokens=12)
-    b, P = ro["batch"], ro["batch"]["prompt_len"]
+    b, P = ro.batch, ro.prompt_len
     x, mask = (b["input_ids"], b["attention_mask"], b["position_ids"]), b["response_mask"]
     with torch.no_grad():
         old_logp, old_values = sequence_logprobs(policy, *x, 0.7, start=P)[0], sequence_values(critic, *x)
-    adv, returns = losses.gae(losses.last_token_rewards(ro["rewards"], mask), old_values, mask)
+    adv, returns = losses.gae(losses.last_token_rewards(ro.rewards, mask), old_values, mask)
     adv = losses.masked_whiten(adv, mask)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01) for m in (policy, critic)]
     norms, value_loss = [], 0.0

@@ -188,8 +188,8 @@ def test_logprobs_equal_training_logprobs(name, temperature, request):
                                              batch["position_ids"], temperature=temperature)
     mask = batch["response_mask"].bool()
     assert mask.sum() == sum(len(s["tokens"]) for s in out)
-    assert (batch["old_logprobs"][~mask] == 0).all()
-    assert (batch["old_logprobs"] - want)[mask].abs().max() < 1e-4
+    assert (batch["sampler_logp"][~mask] == 0).all()
+    assert (batch["sampler_logp"] - want)[mask].abs().max() < 1e-4
     assert all(s["logprobs"].dtype == torch.float32 and s["logprobs"].shape == (len(s["tokens"]),) for s in out)
 
 
@@ -204,8 +204,8 @@ def test_to_batch_alignment():
     assert b["input_ids"].tolist() == [[8, 8, 4, 7, 8], [1, 2, 3, 9, 8]]
     assert b["response_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]]
     assert b["position_ids"][0, 2:4].tolist() == [0, 1] and b["position_ids"][1, :4].tolist() == [0, 1, 2, 3]
-    # old_logprobs[b, t] is the log-prob of input_ids[b, t], as in rlmt.logprobs.sequence_logprobs
-    assert torch.equal(b["old_logprobs"], torch.tensor([[0, 0, 0, -0.1, -0.2], [0, 0, 0, -0.3, 0]]))
+    # sampler_logp[b, t] is the log-prob of input_ids[b, t], as in rlmt.logprobs.sequence_logprobs
+    assert torch.equal(b["sampler_logp"], torch.tensor([[0, 0, 0, -0.1, -0.2], [0, 0, 0, -0.3, 0]]))
 
 
 def test_pad_equal_to_stop_and_length_rows(llama, llama_tokenizer):

@@ -1,7 +1,7 @@
-"""`sample.py --serve` as a real OpenAI-compatible server on 127.0.0.1 (a subprocess, one for the module):
-its two routes, 4xx answers to bad requests without going down, batching of concurrent requests, and
-eval.py judging through it over HTTP (the tiny model's garbage verdicts count as unparsable; a rerun
-sends nothing)."""
+"""`sample.py --serve` (rlmt/serve.py, rlmt/api.py) as a real OpenAI-compatible server on 127.0.0.1 (a subprocess, one
+for the module): its two routes, 4xx answers to bad requests without going down, batching of concurrent
+requests, and eval.py judging through it over HTTP (the tiny model's garbage verdicts count as unparsable;
+a rerun sends nothing)."""
 
 import http.client
 import http.server
@@ -19,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from rlmt import api as A
 from rlmt import judge as J
+from rlmt import serve as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -74,25 +76,25 @@ def stop_server(proc):
         proc.wait()
 
 
-@pytest.fixture(scope="module")
-def server(llama_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    proc, base = start_server(llama_dir, log, "--template", "think")
+def running_server(llama_dir, tmp_path_factory, template):
+    """A module's server under `template` -> yields (base URL, its log), stopped after the module."""
+    log = tmp_path_factory.mktemp(f"serve-{template}") / "server.log"
+    proc, base = start_server(llama_dir, log, "--template", template)
     try:
         yield base, log
     finally:
         stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir, tmp_path_factory):
+    yield from running_server(llama_dir, tmp_path_factory, "think")
 
 
 @pytest.fixture(scope="module")
 def chat_server(llama_dir, tmp_path_factory):
     """The chat template: no thinking expected, so the tiny model's whole text is the answer."""
-    log = tmp_path_factory.mktemp("serve-chat") / "server.log"
-    proc, base = start_server(llama_dir, log, "--template", "chat")
-    try:
-        yield base, log
-    finally:
-        stop_server(proc)
+    yield from running_server(llama_dir, tmp_path_factory, "chat")
 
 
 def posts(log):
@@ -417,11 +419,10 @@ def fake_job(tokenizer, text, stop, n=1):
     ([], "plan one STOP plan two", "the answer END tail"),
 ])
 def test_stop_strings_are_cut_before_the_split(llama_tokenizer, stop, thought, answer):
-    sample = importlib.import_module("sample")
     from types import SimpleNamespace
     args = SimpleNamespace(template="chat-think")
     job, ids = fake_job(llama_tokenizer, "<think>plan one STOP plan two</think> the answer END tail", stop)
-    body = sample.completion_body(job, llama_tokenizer, args, NAME)
+    body = A.completion_body(job, llama_tokenizer, args, NAME)
     (choice,) = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": answer, "reasoning_content": thought or None}
     assert choice["finish_reason"] == ("stop" if stop else "length")
@@ -441,7 +442,7 @@ def test_stop_strings_are_cut_before_the_split(llama_tokenizer, stop, thought, a
         job["changed"].set()
     feeder = threading.Thread(target=feed)
     feeder.start()
-    live = list(sample.stream_events(job, llama_tokenizer, args, NAME))
+    live = list(S.stream_events(job, llama_tokenizer, args, NAME))
     feeder.join()
     assert live[-1] == "data: [DONE]\n\n"
     chunks = [json.loads(e[6:]) for e in live[:-2]]
