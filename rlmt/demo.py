@@ -84,9 +84,11 @@ def build(out_dir, steps=200, seed=0):
 
 
 def apply_grpo_defaults(args, parser):
-    """Fill a train_grpo.py namespace for the demo (flags the user gave explicitly are kept)."""
+    """Fill a train_grpo.py namespace for the demo (flags the user gave explicitly are kept). lr 5e-4: the
+    reward reaches ~1 by step 10 and stays (2e-3 reached it sooner, then collapsed after step 35 with the
+    KL at 4.8 and every answer cut at the token limit)."""
     _apply(args, parser, dict(out="runs/grpo-demo", template="zero", strict=True, prompts_per_step=8,
-                              group_size=8, sample_batch_size=64, lr=2e-3, kl_coef=0.001,
+                              group_size=8, sample_batch_size=64, lr=5e-4, kl_coef=0.001,
                               max_new_tokens=24, max_prompt_len=896, steps=40, save_every=0, eval_every=10,
                               eval_prompts=16, temperature=1.0))
 
