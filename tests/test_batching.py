@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import ROOT, run_script
 from rlmt import batching, dist, log
 
 
@@ -86,16 +87,9 @@ def test_step_mean_and_reduce_over_two_ranks(tmp_path):
     ranks ((3·1 + 5) / 4 = 2), not the mean of the rank means (3); every *_max is the maximum over ranks;
     other metrics are averaged."""
     import json
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "step_mean.py"
-    script.write_text(STEP_MEAN_SCRIPT.format(root=root, out=str(tmp_path / "rank")))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script)], capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    script.write_text(STEP_MEAN_SCRIPT.format(root=ROOT, out=str(tmp_path / "rank")))
+    run_script(script, nproc=2)
     for rank in range(2):
         m = json.loads((tmp_path / f"rank{rank}").read_text())
         assert m == {"kl": pytest.approx(2.0), "ratio_max": 2.5, "reward_mean": 0.5, "diff_max": 7.0}, m
