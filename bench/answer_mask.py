@@ -18,11 +18,11 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from rlmt import chat  # noqa: E402
 
-TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                         "tokenizers", "qwen3")
+TOKENIZER = os.path.join(ROOT, "..", "shared", "data", "tokenizers", "qwen3")
 WORDS = "the model thinks about 答案 🦩 carefully before it answers , and then".split()
 
 
